@@ -1,0 +1,3 @@
+"""mutualkd: online (mutual) knowledge distillation for peer groups of students."""
+
+__version__ = "0.1.0"

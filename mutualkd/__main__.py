@@ -1,0 +1,5 @@
+import sys
+
+from mutualkd.cli import main
+
+sys.exit(main())

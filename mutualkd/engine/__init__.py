@@ -1,0 +1,1 @@
+"""The Accelerate engine: training loop, evaluation, checkpoints, tracking, reports."""

@@ -1,0 +1,216 @@
+"""The training loop, on Accelerate: read it top to bottom.
+
+build() turns a Config into data, peer group and objective (shared by train, eval and export);
+train() runs epochs of synchronous peer updates, evaluates on the validation and test splits after each
+epoch, checkpoints atomically, and ends with summary.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from mutualkd import config as C
+from mutualkd.data import BatchAugment, Splits, TrainBatchSampler, load_splits, make_train_loader
+from mutualkd.engine import checkpoint
+from mutualkd.engine.evaluate import evaluate
+from mutualkd.engine.optim import build_optimizer, build_scheduler
+from mutualkd.engine.report import select, table
+from mutualkd.engine.tracking import MetricsLog, tracker_kwargs
+from mutualkd.errors import UserError
+from mutualkd.losses.objective import BuildContext, Objective
+from mutualkd.peers import PeerGroup
+
+
+@dataclass
+class Built:
+    splits: Splits
+    group: PeerGroup
+    objective: Objective
+    augment: BatchAugment
+
+
+def make_accelerator(cfg: C.Config, run_dir: Path | None = None) -> Accelerator:
+    log_with, _ = tracker_kwargs(cfg, run_dir) if run_dir else ([], {})
+    acc = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision, log_with=log_with or None,
+                      project_dir=str(run_dir) if run_dir else None)
+    if acc.device.type == "cpu":
+        torch.set_flush_denormal(True)  # denormals slow CPU convolutions down up to 40x
+    return acc
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def build(cfg: C.Config, accelerator: Accelerator) -> Built:
+    """Data, peers and objective from the config; every user error surfaces here, before training."""
+    d = cfg.data
+    splits = load_splits(d.name, root=d.root, download=d.download, val_split=d.val_split, split_seed=d.split_seed,
+                         image_size=d.image_size,
+                         synthetic=d.synthetic.model_dump() if d.name == "synthetic" else None)
+    spec = splits.spec
+    group = PeerGroup(cfg, spec.num_classes, spec.in_chans, spec.image_size)
+    ctx = BuildContext(peer_names=cfg.peer_names, num_classes=spec.num_classes,
+                       train_targets=torch.as_tensor(splits.train.targets),
+                       embedding_dim=cfg.embedding.dim if cfg.embedding.head != "none" else None,
+                       seed=cfg.seed, rank=accelerator.process_index)
+    objective = Objective(cfg.objective, ctx)
+    augment = BatchAugment(spec, crop_padding=d.crop_padding if d.augment else 0,
+                           flip=(d.flip if d.flip is not None else spec.flip) and d.augment)
+    return Built(splits, group.to(accelerator.device), objective.to(accelerator.device), augment)
+
+
+def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
+    """Train the peer group; returns the summary (None when stopped early by train.max_steps)."""
+    start_time = time.time()
+    accelerator = make_accelerator(cfg, run_dir)
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    b = build(cfg, accelerator)
+    device, main = accelerator.device, accelerator.is_main_process
+    if main and not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(C.dump(cfg))
+    P = len(b.group.peers)
+
+    sampler = TrainBatchSampler(b.splits.train.targets, cfg.data.batch_size, seed=cfg.seed, kind=cfg.data.sampler,
+                                m=cfg.data.m_per_class, rank=accelerator.process_index,
+                                world_size=accelerator.num_processes)
+    loader = make_train_loader(b.splits.train, sampler, cfg.data.num_workers)
+    accum = cfg.train.grad_accum
+    steps_per_epoch = math.ceil(len(sampler) / accum)
+    if len(sampler) == 0:
+        raise UserError(f"data.batch_size: {cfg.data.batch_size} x {accelerator.num_processes} processes exceeds "
+                        f"the {len(b.splits.train)} training samples")
+    optimizer = build_optimizer(list(b.group.parameters()) + list(b.objective.parameters()), cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch)
+    group, optimizer = accelerator.prepare(b.group, optimizer)
+    aug_rng = torch.Generator(device=device)
+    aug_rng.manual_seed(cfg.seed * 1_000_003 + accelerator.process_index)
+
+    epoch, skip, step, history, wall_before = 0, 0, 0, [], 0.0
+    ckpt_dir = run_dir / "checkpoints"
+    log = MetricsLog(run_dir, accelerator, cfg, active=main)
+    if resume:
+        state = checkpoint.load(ckpt_dir / "last.pt")
+        b.group.load_state_dict(state["model"])
+        b.objective.load_state_dict(state["objective"])
+        optimizer.optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        aug_rng.set_state(state["aug_rng"])
+        epoch, skip, step = state["epoch"], state["batch"], state["step"]
+        history, wall_before = json.loads(state["history"]), state["wall_time_s"]
+        log.wall_before = wall_before
+        log.truncate_after(step)
+
+    def save(name: str, batch_in_epoch: int) -> None:
+        if not main:
+            return
+        payload = {"config": C.dump(cfg), "model": accelerator.unwrap_model(group).state_dict(),
+                   "objective": b.objective.state_dict(), "optimizer": optimizer.optimizer.state_dict(),
+                   "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
+                   "aug_rng": aug_rng.get_state(), "epoch": epoch, "batch": batch_in_epoch, "step": step,
+                   "history": json.dumps(history), "data_spec": dataclasses.asdict(b.splits.spec),
+                   "wall_time_s": wall_before + time.time() - start_time}
+        checkpoint.save(payload, ckpt_dir / f"{name}.pt")
+
+    def sel_metric(h: dict) -> float:  # the `best` checkpoint: mean validation top-1 of the peers
+        return sum(h["val"]["top1"]) / P
+
+    bar = tqdm(total=cfg.train.epochs * steps_per_epoch, initial=step, disable=not (main and cfg.train.progress),
+               desc="train", dynamic_ncols=True)
+    sums: dict[str, torch.Tensor] = {}
+    n_logged = 0
+    group.train()
+    while epoch < cfg.train.epochs:
+        sampler.set_epoch(epoch)
+        sampler.start_batch = skip
+        for i, batch in enumerate(loader, start=skip):
+            sync = (i + 1) % accum == 0 or i + 1 == len(sampler)
+            x = batch["image"].to(device, non_blocking=True)
+            batch = {"target": batch["target"].to(device), "index": batch["index"].to(device)}
+            inputs = b.augment.views(x, P, aug_rng) if cfg.data.views == "per_peer" else b.augment(x, aug_rng, train=True)
+            with contextlib.nullcontext() if sync else accelerator.no_sync(group):
+                out = group(inputs)
+                losses = b.objective(out, batch, epoch + i / len(sampler))
+                accelerator.backward(losses["loss"] / accum)
+            for k, v in losses["logs"].items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_logged += 1
+            if not sync:
+                continue
+            if cfg.train.clip_grad_norm:
+                accelerator.clip_grad_norm_(group.parameters(), cfg.train.clip_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % cfg.train.log_every == 0:  # the only host sync of the step, once per interval
+                means = dict(zip(sums, (torch.stack([torch.as_tensor(v) for v in sums.values()]) / n_logged).tolist()))
+                if not math.isfinite(means["loss"]):
+                    raise FloatingPointError(f"training diverged: loss is {means['loss']} at step {step}")
+                log.write({"epoch": epoch + (i + 1) / len(sampler), "lr": scheduler.get_last_lr()[0],
+                           "train": means}, step)
+                bar.set_postfix(loss=f"{means['loss']:.3f}")
+                sums, n_logged = {}, 0
+            if cfg.train.max_steps and step >= cfg.train.max_steps:
+                save("last", i + 1)
+                bar.close()
+                log.close()
+                if main:
+                    print(f"stopped at step {step} (train.max_steps); continue with: mutualkd train --resume {run_dir}")
+                return None
+        skip = 0
+        epoch += 1
+        record = {"epoch": epoch, "test": evaluate(b.group, b.splits.test, b.augment, accelerator,
+                                                   cfg.data.eval_batch_size, cfg.data.num_workers)}
+        if b.splits.val is not None:
+            record["val"] = evaluate(b.group, b.splits.val, b.augment, accelerator, cfg.data.eval_batch_size,
+                                     cfg.data.num_workers)
+        best_before = max((sel_metric(h) for h in history if h.get("val")), default=-1.0)
+        history.append(record)
+        log.write({"epoch": epoch, "eval": record}, step)
+        save("last", 0)
+        if "val" in record and sel_metric(record) >= best_before:
+            save("best", 0)
+        if main:
+            ens = record["test"]["ensemble_top1"]
+            bar.write(f"epoch {epoch}: test top-1 " + " ".join(f"{n}={a:.2f}" for n, a in
+                      zip(cfg.peer_names, record["test"]["top1"])) + f" ensemble={ens:.2f}")
+    bar.close()
+    log.close()
+    summary = summarize(cfg, b.group, history, wall_before + time.time() - start_time, accelerator.num_processes)
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(table(summary))
+    return summary
+
+
+def summarize(cfg: C.Config, group: PeerGroup, history: list[dict], wall: float, world: int) -> dict:
+    rows = select(history, cfg.peer_names)
+    peers = [{"name": n, "arch": a, "params": c, **rows[n]}
+             for n, a, c in zip(cfg.peer_names, group.archs, group.param_counts())]
+    return {"peers": peers, "ensemble": {"name": "ensemble", **rows["ensemble"]}, "epochs": history[-1]["epoch"],
+            "wall_time_s": wall, "seed": cfg.seed, "topology": cfg.topology.kind, "world_size": world,
+            "global_batch": cfg.data.batch_size * world, "dataset": cfg.data.name,
+            "selection": "per model, best validation top-1 (latest epoch on ties); never test"}

@@ -1,0 +1,144 @@
+"""Contrastive peer terms: MCL's in-batch contrast (METHODS §1.7) and MCL-OKD's memory-bank NCE (§1.6).
+
+Both run over all ordered peer pairs at once on stacked embeddings V [P, B, d]: MCL on the P×P grid of
+B×B similarity blocks, MCL-OKD with one bank gather for all peers and one einsum for all pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mutualkd.errors import UserError
+from mutualkd.losses import functional as MF
+from mutualkd.losses.objective import Term, register
+
+
+class _Contrastive(Term):
+    def __init__(self, cfg, ctx, key):
+        super().__init__(cfg, ctx, key)
+        if ctx.embedding_dim is None:
+            raise UserError(f"{key} ({cfg.name}): needs peer embeddings; set embedding.head to linear or mlp")
+        if self.num_peers < 2:
+            raise UserError(f"{key} ({cfg.name}): needs at least 2 peers, the config has {self.num_peers}")
+        off = ~torch.eye(self.num_peers, dtype=torch.bool)
+        self.register_buffer("off_diagonal", off, persistent=False)
+
+    def pair_sum(self, grid: torch.Tensor, reduction: str) -> torch.Tensor:
+        """Per-anchor-peer sum of a [P, P] grid over partners b != a, times rho (1/(P-1) for "mean")."""
+        rho = 1.0 / (self.num_peers - 1) if reduction == "mean" else 1.0
+        return rho * (grid * self.off_diagonal).sum(1)
+
+
+def _kl_rows(log_q: torch.Tensor, log_p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ over the last axis of q (log q − log p) on `mask` (masked entries have q = 0)."""
+    q = log_q.exp()
+    return torch.where(mask, q * (log_q - log_p), torch.zeros_like(q)).sum(-1)
+
+
+@register("mcl")
+class MCL(_Contrastive):
+    """VCL, ICL, soft VCL and soft ICL for every network a and partner b != a (METHODS §1.7).
+
+    S[a, b] = V_a V_bᵀ / tau. Diagonal blocks give VCL, off-diagonal ones ICL; the soft forms distil the
+    row distributions softmax(S/T) (self-similarity masked) toward the partner's detached rows.
+    """
+
+    def forward(self, out, batch):
+        cfg = self.cfg
+        v = out.embeddings.float()
+        n = v.shape[1]
+        sim = torch.einsum("pbd,qcd->pqbc", v, v) / cfg.tau  # [P, P, B, B]
+        pos, den = MF.contrast_masks(batch["target"], self_positive=cfg.icl_self_positive)
+        hard = MF.supcon_from_logits(sim, pos, den)  # [P, P]: VCL_a on the diagonal, ICL_{a,b} off it
+        vcl = hard.diagonal()
+        # Soft forms: masked row distributions r[a, b, u] = softmax_k(S[a, b, u, k] / T), k != u
+        keep = ~torch.eye(n, dtype=torch.bool, device=v.device)
+        log_r = torch.log_softmax((sim / cfg.T).masked_fill(~keep, float("-inf")), dim=-1)
+        self_blocks = log_r.diagonal(dim1=0, dim2=1).movedim(-1, 0)  # [P, B, B]: network a on itself
+        # soft VCL_{a<-b}: KL(sg q_b || q_a), q_a the rows of network a's own block
+        soft_vcl = _kl_rows(self_blocks.detach()[None], self_blocks[:, None], keep).sum(-1) / n
+        # soft ICL_{a<-b}: KL(sg r[b, a] || r[a, b])
+        soft_icl = _kl_rows(log_r.transpose(0, 1).detach(), log_r, keep).sum(-1) / n
+        if cfg.soft_t2:
+            soft_vcl, soft_icl = soft_vcl * cfg.T**2, soft_icl * cfg.T**2
+        pairs = cfg.icl * hard + cfg.soft_vcl * soft_vcl + cfg.soft_icl * soft_icl
+        per_peer = cfg.vcl * vcl + self.pair_sum(pairs, cfg.pair_reduction)
+        rho = self.pair_sum
+        return {
+            "loss": per_peer.sum(),
+            "per_peer": per_peer,
+            "vcl": vcl.sum(),
+            "icl": rho(hard, cfg.pair_reduction).sum(),
+            "soft_vcl": rho(soft_vcl, cfg.pair_reduction).sum(),
+            "soft_icl": rho(soft_icl, cfg.pair_reduction).sum(),
+        }
+
+
+@register("mcl_okd")
+class MCLOKD(_Contrastive):
+    """Memory-bank NCE between peers: peer j's embedding scored against peer i's bank, i != j.
+
+    One bank per peer ([P, N, d], non-trainable state of this term). Negatives are K dataset indices of
+    other classes, drawn on device from a class-sorted permutation; banks are updated after scoring.
+    """
+
+    def __init__(self, cfg, ctx, key):
+        super().__init__(cfg, ctx, key)
+        targets = ctx.train_targets.long()
+        n, d = len(targets), ctx.embedding_dim
+        counts = torch.bincount(targets, minlength=ctx.num_classes)
+        if cfg.K > n - int(counts.max()):
+            raise UserError(
+                f"{key}.K: {cfg.K} negatives per anchor exceed the {n - int(counts.max())} samples "
+                "outside the largest class of the training split"
+            )
+        bound = 1.0 / (d / 3) ** 0.5  # CRD's initialisation, uniform in [-a, a]
+        self.register_buffer("banks", torch.rand(self.num_peers, n, d).mul_(2 * bound).sub_(bound))
+        self.register_buffer("by_class", torch.argsort(targets, stable=True), persistent=False)
+        self.register_buffer("starts", torch.cumsum(counts, 0) - counts, persistent=False)
+        self.register_buffer("counts", counts, persistent=False)
+        self.seed = ctx.seed * 7919 + ctx.rank
+        self.generator: torch.Generator | None = None
+        self._pending_state: torch.Tensor | None = None
+
+    def _rng(self, device: torch.device) -> torch.Generator:
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(self.seed)
+            if self._pending_state is not None:
+                self.generator.set_state(self._pending_state)
+                self._pending_state = None
+        return self.generator
+
+    def sample_negatives(self, y: torch.Tensor) -> torch.Tensor:
+        """[B, K] indices drawn uniformly from the classes other than each anchor's own."""
+        outside = (self.by_class.numel() - self.counts[y]).unsqueeze(1)  # N - n_y
+        u = torch.rand(y.shape[0], self.cfg.K, generator=self._rng(y.device), device=y.device)
+        r = (u * outside).long().clamp_max(outside - 1)
+        start = self.starts[y].unsqueeze(1)
+        r = r + (r >= start) * self.counts[y].unsqueeze(1)  # skip the anchor's class block
+        return self.by_class[r]
+
+    def forward(self, out, batch):
+        cfg = self.cfg
+        v = out.embeddings.float()
+        idx = batch["index"]
+        rows_idx = torch.cat([idx.unsqueeze(1), self.sample_negatives(batch["target"])], dim=1)  # [B, K+1]
+        rows = self.banks[:, rows_idx]  # one gather for every peer's bank: [P, B, K+1, d]
+        scores = MF.bank_scores(rows, v, cfg.tau)  # [P_bank, P_emb, B, K+1]
+        nce = MF.nce_loss(scores, self.banks.shape[1], eps=cfg.eps) * self.off_diagonal  # [P, P]
+        per_peer = nce.sum(0)  # attributed to the peer whose embedding is scored
+        if cfg.pair_reduction == "mean":  # mean over the P(P-1) ordered pairs
+            per_peer = per_peer / (self.num_peers * (self.num_peers - 1))
+        with torch.no_grad():  # momentum update of the positives' rows, after scoring
+            mixed = self.banks[:, idx] * cfg.momentum + v.detach() * (1 - cfg.momentum)
+            self.banks[:, idx] = F.normalize(mixed, dim=-1)
+        return {"loss": per_peer.sum(), "per_peer": per_peer}
+
+    def get_extra_state(self):
+        state = self.generator.get_state() if self.generator is not None else self._pending_state
+        return {"generator": state} if state is not None else {}
+
+    def set_extra_state(self, state):
+        self.generator, self._pending_state = None, state.get("generator")

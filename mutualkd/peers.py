@@ -1,0 +1,224 @@
+"""The peer group: P students built with `timm.create_model`, run together, returning one `GroupOutput`.
+
+Topologies (METHODS.md §0.5):
+- `independent`: P separate, possibly heterogeneous networks.
+- `shared_stem`: the stem and the first `split` stages are shared (one set of weights, computed once per
+  input); each branch owns the remaining stages, its classifier and its head. Branch models alias the
+  shared modules, so `peer_model(p)` is a complete network that exports and evaluates on its own.
+
+Projection heads live here, not in the backbones, so they are trained and checkpointed but never exported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mutualkd.models  # noqa: F401  (registers the CIFAR zoo in timm's registry)
+from mutualkd.config import Config, EmbeddingConfig
+from mutualkd.errors import UserError
+
+
+@dataclass
+class GroupOutput:
+    """What one forward of the group gives the objective."""
+
+    logits: torch.Tensor  # [P, B, C]
+    pre_logits: list[torch.Tensor]  # per peer [B, D_p] (widths may differ)
+    embeddings: torch.Tensor | None = None  # [P, B, d], unit rows; None without heads
+    taps: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per peer: tap name -> tensor
+
+
+def stage_layout(model: nn.Module) -> tuple[list[str], list[str], list[str]] | None:
+    """Submodule names of (stem, stages, post-stage norm) in forward order, or None if unknown.
+
+    Covers mutualkd's zoo and timm families built as stem/stages/norm_pre (ConvNeXt, RegNet, ...) and
+    timm's ResNets (conv1..maxpool, layer1..4).
+    """
+    if hasattr(model, "stem") and isinstance(getattr(model, "stages", None), nn.Sequential):
+        post = ["norm_pre"] if hasattr(model, "norm_pre") else []
+        return ["stem"], [f"stages.{i}" for i in range(len(model.stages))], post
+    if all(hasattr(model, n) for n in ("conv1", "bn1", "layer1")):
+        stem = [n for n in ("conv1", "bn1", "act1", "maxpool") if hasattr(model, n)]
+        stages = [n for n in ("layer1", "layer2", "layer3", "layer4") if hasattr(model, n)]
+        return stem, stages, []
+    return None
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+Plan = list[tuple[str, str | None]]  # (submodule name, tap label after it)
+
+
+def forward_plan(layout: tuple[list[str], list[str], list[str]]) -> Plan:
+    """The forward as a list of submodules, labelling the taps `stem` and `stage1..S`."""
+    stem, stages, post = layout
+    return (
+        [(n, "stem" if i == len(stem) - 1 else None) for i, n in enumerate(stem)]
+        + [(n, f"stage{i + 1}") for i, n in enumerate(stages)]
+        + [(n, None) for n in post]
+    )
+
+
+def _run(model: nn.Module, plan: Plan, x: torch.Tensor, want: set, taps: dict) -> torch.Tensor:
+    for name, label in plan:
+        x = model.get_submodule(name)(x)
+        if label in want:
+            taps[label] = x
+    return x
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by `scale` (CL-ILR's stem rescaling)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def make_head(kind: str, width: int, cfg: EmbeddingConfig) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(width, cfg.dim)
+    hidden = cfg.hidden or width
+    return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, cfg.dim))
+
+
+def create_peer(arch: str, num_classes: int, in_chans: int, pretrained: bool = False, **kwargs) -> nn.Module:
+    try:
+        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except TypeError as err:
+        raise UserError(f"peers: cannot create {arch!r} with {kwargs}: {err}") from None
+
+
+def check_arch(arch: str, key: str) -> None:
+    if not timm.is_model(arch):
+        import difflib
+
+        near = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(map(repr, near))}?" if near else "; see timm.list_models()"
+        raise UserError(f"{key}: unknown model {arch!r} (not a timm or mutualkd model){hint}")
+
+
+class PeerGroup(nn.Module):
+    """P student networks plus their optional projection heads, run by one `forward`."""
+
+    def __init__(self, cfg: Config, num_classes: int, in_chans: int, image_size: tuple[int, int]):
+        super().__init__()
+        self.names = cfg.peer_names
+        self.archs = [p.arch for p in cfg.peers]
+        self.stem_grad_scale = cfg.topology.stem_grad_scale
+        for i, p in enumerate(cfg.peers):
+            check_arch(p.arch, f"peers.{i}.arch")
+        self.peers = nn.ModuleList(
+            create_peer(p.arch, num_classes, in_chans, p.pretrained, **p.model_kwargs) for p in cfg.peers
+        )
+        layouts = [stage_layout(m) for m in self.peers]
+        self.plans = [forward_plan(lay) if lay else None for lay in layouts]
+        self.n_shared = 0  # leading plan entries computed once and shared by every branch
+        if cfg.topology.kind == "shared_stem":
+            self._share_stem(cfg, layouts[0])
+        self.heads = None
+        widths = self._dry_run(in_chans, image_size)
+        if cfg.embedding.head != "none":
+            self.heads = nn.ModuleList(make_head(cfg.embedding.head, w, cfg.embedding) for w in widths)
+
+    # ------------------------------------------------------------------------------------ building
+    def _share_stem(self, cfg: Config, layout) -> None:
+        if len(set(self.archs)) != 1:
+            raise UserError(f"topology.kind: shared_stem needs one architecture for every peer, got {self.archs}")
+        if layout is None:
+            raise UserError(
+                f"topology.kind: shared_stem needs a stem/stages architecture; {self.archs[0]!r} has none "
+                "(use the CIFAR zoo, a timm ResNet, ConvNeXt or RegNet, or topology.kind=independent)"
+            )
+        stem, stages, _ = layout
+        k = cfg.topology.split
+        if k >= len(stages):
+            raise UserError(
+                f"topology.split: {k} shares every stage of {self.archs[0]!r} ({len(stages)} stages); "
+                f"allowed 0..{len(stages) - 1}"
+            )
+        self.n_shared = len(stem) + k
+        for model in self.peers[1:]:
+            for name, _ in self.plans[0][: self.n_shared]:
+                _set_submodule(model, name, self.peers[0].get_submodule(name))
+
+    @torch.no_grad()
+    def _dry_run(self, in_chans: int, image_size: tuple[int, int]) -> list[int]:
+        """Record the pre-logits widths and every tap's shape with one eval-mode forward of 2 samples."""
+        was_training = self.training
+        self.eval()
+        out = self.forward(torch.zeros(2, in_chans, *image_size), taps=self.available_taps())
+        self.train(was_training)
+        self.tap_shapes = [{k: tuple(v.shape[1:]) for k, v in t.items()} for t in out.taps]
+        return [p.shape[1] for p in out.pre_logits]
+
+    def available_taps(self) -> list[str]:
+        """Tap names: `stem`, `stage1..S` for stem/stages models, else timm's `feature{i}` indices."""
+        names = {"logits", "pre_logits"}
+        for model, plan in zip(self.peers, self.plans):
+            if plan:
+                names.update(label for _, label in plan if label)
+            else:
+                names.update(f"feature{i}" for i in range(len(getattr(model, "feature_info", []))))
+        return sorted(names)
+
+    # ------------------------------------------------------------------------------------- running
+    def peer_model(self, p: int) -> nn.Module:
+        """Peer p as a complete network (shared modules included): what eval and export use."""
+        return self.peers[p]
+
+    def forward(self, inputs: torch.Tensor | list[torch.Tensor], taps=()) -> GroupOutput:
+        """Run every peer; `inputs` is one batch for all, or a list of per-peer views."""
+        per_view = isinstance(inputs, (list, tuple))
+        views = list(inputs) if per_view else [inputs] * len(self.peers)
+        want = set(taps)
+        feats, tapped, shared = [], [], None
+        for p, (model, plan, x) in enumerate(zip(self.peers, self.plans, views)):
+            t: dict[str, torch.Tensor] = {}
+            if self.n_shared:
+                if shared is None or per_view:
+                    shared_taps: dict[str, torch.Tensor] = {}
+                    shared = _run(model, plan[: self.n_shared], x, want, shared_taps)
+                t.update(shared_taps)
+                h = shared
+                if self.stem_grad_scale != 1.0 and torch.is_grad_enabled():
+                    h = _ScaleGrad.apply(h, self.stem_grad_scale)
+                f = _run(model, plan[self.n_shared :], h, want, t)
+            elif plan:
+                f = _run(model, plan, x, want, t)
+            elif any(w.startswith("feature") for w in want):
+                idx = sorted(int(w[7:]) for w in want if w.startswith("feature") and int(w[7:]) < len(model.feature_info))
+                f, inter = model.forward_intermediates(x, indices=idx)
+                t.update({f"feature{i}": v for i, v in zip(idx, inter)})
+            else:
+                f = model.forward_features(x)
+            feats.append(f)
+            tapped.append(t)
+        pre = [m.forward_head(f, pre_logits=True) for m, f in zip(self.peers, feats)]
+        logits = torch.stack([m.get_classifier()(h) for m, h in zip(self.peers, pre)])
+        emb = None
+        if self.heads is not None:
+            emb = torch.stack([F.normalize(head(h).float(), dim=1) for head, h in zip(self.heads, pre)])
+        for p, t in enumerate(tapped):
+            if "pre_logits" in want:
+                t["pre_logits"] = pre[p]
+            if "logits" in want:
+                t["logits"] = logits[p]
+        return GroupOutput(logits=logits, pre_logits=pre, embeddings=emb, taps=tapped)
+
+    def param_counts(self) -> list[int]:
+        """Parameters of each peer's deployable network (shared stem counted in every peer; no heads)."""
+        return [sum(p.numel() for p in m.parameters()) for m in self.peers]
