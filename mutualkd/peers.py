@@ -36,8 +36,8 @@ class GroupOutput:
 def stage_layout(model: nn.Module) -> tuple[list[str], list[str], list[str]] | None:
     """Submodule names of (stem, stages, post-stage norm) in forward order, or None if unknown.
 
-    Covers mutualkd's zoo and timm families built as stem/stages/norm_pre (ConvNeXt, RegNet, ...) and
-    timm's ResNets (conv1..maxpool, layer1..4).
+    Covers mutualkd's zoo and timm families built as stem/stages/norm_pre (ConvNeXt, CSPNet, ...) and
+    timm's ResNets (conv1..maxpool, layer1..4). A name-based guess: `probe_peer` confirms it.
     """
     if hasattr(model, "stem") and isinstance(getattr(model, "stages", None), nn.Sequential):
         post = ["norm_pre"] if hasattr(model, "norm_pre") else []
@@ -73,6 +73,37 @@ def _run(model: nn.Module, plan: Plan, x: torch.Tensor, want: set, taps: dict) -
         if label in want:
             taps[label] = x
     return x
+
+
+def _same(fn, ref: torch.Tensor) -> bool:
+    try:
+        got = fn()
+    except Exception:  # a wrong guess may fail on shapes anywhere inside
+        return False
+    return got.shape == ref.shape and torch.allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def probe_peer(model: nn.Module, plan: Plan | None, in_chans: int, image_size: tuple[int, int]) -> tuple[bool, bool]:
+    """On a fixed random probe in eval mode: (does `plan` reproduce `forward_features`, does the classifier
+    applied to `forward_head(pre_logits=True)` reproduce `forward_head`).
+
+    `stage_layout` goes by attribute names only; families with more after the stages (ResNetV2's norm,
+    NFNet's final_conv, FastViT, HRNet, ...) must not be run by a plan that skips those modules. Heads with a
+    1x1-conv classifier before the flatten (ResNetV2, DPN) cannot take the pooled pre-logits directly.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.randn(2, in_chans, *image_size, generator=torch.Generator().manual_seed(0))
+        feats = model.forward_features(x)
+        plan_ok = plan is not None and _same(lambda: _run(model, plan, x, set(), {}), feats)
+        head_ok = _same(
+            lambda: model.get_classifier()(model.forward_head(feats, pre_logits=True)), model.forward_head(feats)
+        )
+        return plan_ok, head_ok
+    finally:
+        model.train(was_training)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -125,6 +156,12 @@ class PeerGroup(nn.Module):
             create_peer(p.arch, num_classes, in_chans, p.pretrained, **p.model_kwargs) for p in cfg.peers
         )
         layouts = [stage_layout(m) for m in self.peers]
+        probes = [
+            probe_peer(m, forward_plan(lay) if lay else None, in_chans, image_size)
+            for m, lay in zip(self.peers, layouts)
+        ]
+        layouts = [lay if plan_ok else None for lay, (plan_ok, _) in zip(layouts, probes)]
+        self.classifier_on_pre_logits = [head_ok for _, head_ok in probes]
         self.plans = [forward_plan(lay) if lay else None for lay in layouts]
         self.n_shared = 0  # leading plan entries computed once and shared by every branch
         if cfg.topology.kind == "shared_stem":
@@ -141,7 +178,7 @@ class PeerGroup(nn.Module):
         if layout is None:
             raise UserError(
                 f"topology.kind: shared_stem needs a stem/stages architecture; {self.archs[0]!r} has none "
-                "(use the CIFAR zoo, a timm ResNet, ConvNeXt or RegNet, or topology.kind=independent)"
+                "(use the CIFAR zoo, a timm ResNet or ConvNeXt, or topology.kind=independent)"
             )
         stem, stages, _ = layout
         k = cfg.topology.split
@@ -199,8 +236,9 @@ class PeerGroup(nn.Module):
                 f = _run(model, plan[self.n_shared :], h, want, t)
             elif plan:
                 f = _run(model, plan, x, want, t)
-            elif any(w.startswith("feature") for w in want):
-                idx = sorted(int(w[7:]) for w in want if w.startswith("feature") and int(w[7:]) < len(model.feature_info))
+            elif idx := sorted(
+                int(w[7:]) for w in want if w.startswith("feature") and int(w[7:]) < len(model.feature_info)
+            ):
                 f, inter = model.forward_intermediates(x, indices=idx)
                 t.update({f"feature{i}": v for i, v in zip(idx, inter)})
             else:
@@ -208,7 +246,12 @@ class PeerGroup(nn.Module):
             feats.append(f)
             tapped.append(t)
         pre = [m.forward_head(f, pre_logits=True) for m, f in zip(self.peers, feats)]
-        logits = torch.stack([m.get_classifier()(h) for m, h in zip(self.peers, pre)])
+        logits = torch.stack(
+            [
+                m.get_classifier()(h) if split else m.forward_head(f)
+                for m, h, f, split in zip(self.peers, pre, feats, self.classifier_on_pre_logits)
+            ]
+        )
         emb = None
         if self.heads is not None:
             emb = torch.stack([F.normalize(head(h).float(), dim=1) for head, h in zip(self.heads, pre)])

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from tqdm.auto import tqdm
 
 from mutualkd import config as C
@@ -40,6 +41,10 @@ class Built:
 
 
 def make_accelerator(cfg: C.Config, run_dir: Path | None = None) -> Accelerator:
+    """A fresh Accelerator per run: Accelerate's process-wide state would otherwise pin the first run's
+    precision for every later run in the same process (notebooks, sweeps). The distributed set-up stays."""
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     log_with, _ = tracker_kwargs(cfg, run_dir) if run_dir else ([], {})
     acc = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision, log_with=log_with or None,
                       project_dir=str(run_dir) if run_dir else None)

@@ -49,8 +49,11 @@ class MCL(_Contrastive):
         v = out.embeddings.float()
         n = v.shape[1]
         sim = torch.einsum("pbd,qcd->pqbc", v, v) / cfg.tau  # [P, P, B, B]
-        pos, den = MF.contrast_masks(batch["target"], self_positive=cfg.icl_self_positive)
+        pos, den = MF.contrast_masks(batch["target"])
         hard = MF.supcon_from_logits(sim, pos, den)  # [P, P]: VCL_a on the diagonal, ICL_{a,b} off it
+        if cfg.icl_self_positive:  # cross-network blocks only: VCL never counts a sample as its own positive
+            pos_x, den_x = MF.contrast_masks(batch["target"], self_positive=True)
+            hard = torch.where(self.off_diagonal, MF.supcon_from_logits(sim, pos_x, den_x), hard)
         vcl = hard.diagonal()
         # Soft forms: masked row distributions r[a, b, u] = softmax_k(S[a, b, u, k] / T), k != u
         keep = ~torch.eye(n, dtype=torch.bool, device=v.device)
