@@ -123,6 +123,7 @@ class MCLTerm(TermBase):
     pair_reduction: Literal["mean", "sum"] = "mean"  # rho = 1/(P-1) (Gap for P > 2) or 1
     icl_self_positive: bool = False
     soft_t2: bool = True  # the T^2 factor on the soft terms [reconstructed]
+    global_batch: bool = True  # data-parallel: contrast over the all-gathered global batch
 
 
 class MCLOKDTerm(TermBase):
@@ -135,6 +136,7 @@ class MCLOKDTerm(TermBase):
     momentum: float = Field(0.5, ge=0.0, lt=1.0)
     pair_reduction: Literal["sum", "mean"] = "sum"
     eps: float = Field(1e-7, gt=0.0)
+    nce_global_norm: bool = True  # data-parallel: the normaliser's mean over all ranks
 
 
 Term = Annotated[Union[CETerm, DMLTerm, DOTTerm, MCLTerm, MCLOKDTerm], Field(discriminator="name")]

@@ -471,7 +471,10 @@ def test_okd_loss_matches_reference_and_updates_banks(P, pair_reduction, tau, mo
     close(V.grad, V64.grad, rtol=1e-4, atol=1e-6)
     assert not term.banks.requires_grad and term.banks.grad is None
 
-    # (c) after the call: momentum update of the positives' rows, every other row unchanged
+    # (c) the banks stay as they were through forward and backward (backward re-gathers the scored rows);
+    # after_backward applies the momentum update of the positives' rows, every other row unchanged
+    assert torch.equal(term.banks, old)
+    term.after_backward()
     idx = batch["index"]
     for p in range(P):
         for n in range(N):
@@ -595,3 +598,25 @@ def test_ce_alone_works_with_one_peer():
     obj = Objective(ObjectiveConfig(terms=[CETerm(name="ce")]), ctx_for(1, C=3))
     res = obj(output(logits=rnd(1, 4, 3)), {"target": torch.tensor([0, 1, 2, 0])}, epoch=0.0)
     assert torch.isfinite(res["loss"])
+
+
+def test_okd_chunked_bank_scoring_equals_one_shot_scoring(monkeypatch):
+    """The memory-lean scorer (bank by bank, batch chunk by chunk, rows re-gathered in backward) gives the
+    values and the embedding gradient of one-shot functional scoring."""
+    g = torch.Generator().manual_seed(3)
+    banks = torch.nn.functional.normalize(torch.randn(3, 50, 8, generator=g), dim=-1)
+    rows = torch.randint(0, 50, (10, 7), generator=g)
+    weights = torch.randn(3, 3, 10, 7, generator=g)
+    v = torch.nn.functional.normalize(torch.randn(3, 10, 8, generator=g), dim=-1)
+
+    def loss_and_grad(score_fn):
+        leaf = v.clone().requires_grad_(True)
+        s = score_fn(leaf)
+        return s, torch.autograd.grad((s.log() * weights).sum() + s.sum(), leaf)[0]
+
+    ref, ref_grad = loss_and_grad(lambda x: contrastive.MF.bank_scores(banks[:, rows], x, 0.1))
+    monkeypatch.setattr(contrastive, "ROWS_BUDGET", 7 * 8 * 3)  # 3 samples per chunk -> 4 chunks
+    assert len(contrastive._chunks(rows, 8)) == 4
+    got, got_grad = loss_and_grad(lambda x: contrastive._BankScores.apply(x, banks, rows, 0.1))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got_grad, ref_grad, rtol=1e-4, atol=1e-3 * ref_grad.abs().max().item() * 1e-3)

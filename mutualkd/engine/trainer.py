@@ -158,6 +158,7 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
                 out = group(inputs)
                 losses = b.objective(out, batch, epoch + i / len(sampler))
                 accelerator.backward(losses["loss"] / accum)
+            b.objective.after_backward()
             for k, v in losses["logs"].items():
                 sums[k] = sums.get(k, 0.0) + v
             n_logged += 1

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from mutualkd.errors import UserError
 from mutualkd.losses import functional as MF
 from mutualkd.losses.objective import Term, register
+from mutualkd.placement import gather_batch, mean_over_ranks
 
 
 class _Contrastive(Term):
@@ -46,13 +47,15 @@ class MCL(_Contrastive):
 
     def forward(self, out, batch):
         cfg = self.cfg
-        v = out.embeddings.float()
+        v, y = out.embeddings.float(), batch["target"]
+        if cfg.global_batch:
+            v, y = gather_batch(v, dim=1), gather_batch(y)
         n = v.shape[1]
         sim = torch.einsum("pbd,qcd->pqbc", v, v) / cfg.tau  # [P, P, B, B]
-        pos, den = MF.contrast_masks(batch["target"])
+        pos, den = MF.contrast_masks(y)
         hard = MF.supcon_from_logits(sim, pos, den)  # [P, P]: VCL_a on the diagonal, ICL_{a,b} off it
         if cfg.icl_self_positive:  # cross-network blocks only: VCL never counts a sample as its own positive
-            pos_x, den_x = MF.contrast_masks(batch["target"], self_positive=True)
+            pos_x, den_x = MF.contrast_masks(y, self_positive=True)
             hard = torch.where(self.off_diagonal, MF.supcon_from_logits(sim, pos_x, den_x), hard)
         vcl = hard.diagonal()
         # Soft forms: masked row distributions r[a, b, u] = softmax_k(S[a, b, u, k] / T), k != u
@@ -78,12 +81,52 @@ class MCL(_Contrastive):
         }
 
 
+ROWS_BUDGET = 1 << 24  # gathered bank-row elements alive at once (64 MB in fp32)
+
+
+def _chunks(rows: torch.Tensor, d: int) -> list[slice]:
+    """Batch slices whose gathered rows ([b, K+1, d]) stay within ROWS_BUDGET elements."""
+    step = max(1, ROWS_BUDGET // (rows.shape[1] * d))
+    return [slice(b, b + step) for b in range(0, rows.shape[0], step)]
+
+
+class _BankScores(torch.autograd.Function):
+    """s[i, j, b, k] = exp(<banks[i, rows[b, k]], v[j, b]> / tau), gathered one bank and batch chunk at a time.
+
+    All P banks' rows at once would be [P, B, K+1, d] (2.1 GB at P 4, B 64, K 16384, d 128) and autograd would
+    keep them for backward. Here at most ROWS_BUDGET elements are gathered at a time and backward gathers them
+    again. The banks must not change between forward and backward (MCLOKD defers its update).
+    """
+
+    @staticmethod
+    def forward(ctx, v, banks, rows, tau):
+        scores = v.new_empty(banks.shape[0], v.shape[0], *rows.shape)
+        for i in range(banks.shape[0]):
+            for c in _chunks(rows, banks.shape[-1]):
+                scores[i, :, c] = MF.bank_scores(banks[i, rows[c]][None], v[:, c], tau)[0]
+        ctx.save_for_backward(v, scores, rows)
+        ctx.banks, ctx.tau = banks, tau
+        return scores
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, scores, rows = ctx.saved_tensors
+        g = grad * scores / ctx.tau  # d exp(u / tau) / du
+        grad_v = torch.zeros_like(v)
+        for i in range(ctx.banks.shape[0]):
+            for c in _chunks(rows, ctx.banks.shape[-1]):
+                grad_v[:, c] += torch.einsum("jbk,bkd->jbd", g[i, :, c], ctx.banks[i, rows[c]])
+        return grad_v, None, None, None
+
+
 @register("mcl_okd")
 class MCLOKD(_Contrastive):
     """Memory-bank NCE between peers: peer j's embedding scored against peer i's bank, i != j.
 
     One bank per peer ([P, N, d], non-trainable state of this term). Negatives are K dataset indices of
-    other classes, drawn on device from a class-sorted permutation; banks are updated after scoring.
+    other classes, drawn on device from a class-sorted permutation. Scores use the pre-update rows; the
+    momentum update of the positives' rows runs after backward, from every rank's (index, embedding)
+    pairs, so data-parallel replicas of the banks stay identical.
     """
 
     def __init__(self, cfg, ctx, key):
@@ -104,6 +147,7 @@ class MCLOKD(_Contrastive):
         self.seed = ctx.seed * 7919 + ctx.rank
         self.generator: torch.Generator | None = None
         self._pending_state: torch.Tensor | None = None
+        self._pending_update: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _rng(self, device: torch.device) -> torch.Generator:
         if self.generator is None or self.generator.device != device:
@@ -124,20 +168,29 @@ class MCLOKD(_Contrastive):
         return self.by_class[r]
 
     def forward(self, out, batch):
+        self.after_backward()  # a caller that never ran the hook still gets the previous step's update
         cfg = self.cfg
         v = out.embeddings.float()
         idx = batch["index"]
-        rows_idx = torch.cat([idx.unsqueeze(1), self.sample_negatives(batch["target"])], dim=1)  # [B, K+1]
-        rows = self.banks[:, rows_idx]  # one gather for every peer's bank: [P, B, K+1, d]
-        scores = MF.bank_scores(rows, v, cfg.tau)  # [P_bank, P_emb, B, K+1]
-        nce = MF.nce_loss(scores, self.banks.shape[1], eps=cfg.eps) * self.off_diagonal  # [P, P]
+        rows = torch.cat([idx.unsqueeze(1), self.sample_negatives(batch["target"])], dim=1)  # [B, K+1]
+        scores = _BankScores.apply(v, self.banks, rows, cfg.tau)  # [P_bank, P_emb, B, K+1]
+        mean = mean_over_ranks(scores.detach().mean(dim=(-2, -1))) if cfg.nce_global_norm else None
+        nce = MF.nce_loss(scores, self.banks.shape[1], eps=cfg.eps, mean_score=mean) * self.off_diagonal
         per_peer = nce.sum(0)  # attributed to the peer whose embedding is scored
         if cfg.pair_reduction == "mean":  # mean over the P(P-1) ordered pairs
             per_peer = per_peer / (self.num_peers * (self.num_peers - 1))
-        with torch.no_grad():  # momentum update of the positives' rows, after scoring
-            mixed = self.banks[:, idx] * cfg.momentum + v.detach() * (1 - cfg.momentum)
-            self.banks[:, idx] = F.normalize(mixed, dim=-1)
+        self._pending_update = (idx, v.detach())
         return {"loss": per_peer.sum(), "per_peer": per_peer}
+
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        """Momentum update of the positives' rows with every rank's (index, embedding) pairs."""
+        if self._pending_update is None:
+            return
+        idx, v = (gather_batch(t, dim) for t, dim in zip(self._pending_update, (0, 1)))
+        self._pending_update = None
+        mixed = self.banks[:, idx] * self.cfg.momentum + v * (1 - self.cfg.momentum)
+        self.banks[:, idx] = F.normalize(mixed, dim=-1)
 
     def get_extra_state(self):
         state = self.generator.get_state() if self.generator is not None else self._pending_state

@@ -479,8 +479,11 @@ def bank_scores(bank_rows: Tensor, embeddings: Tensor, tau: float) -> Tensor:
 
 
 @_fp32
-def nce_loss(scores: Tensor, n_data: int, eps: float = 1e-7) -> Tensor:
-    """CRD-form NCE on ``[..., B, K+1]`` scores (positive first), ``Z = sg(mean s)·n_data``; returns ``[...]``."""
+def nce_loss(scores: Tensor, n_data: int, eps: float = 1e-7, mean_score: Tensor | None = None) -> Tensor:
+    """CRD-form NCE on ``[..., B, K+1]`` scores (positive first), ``Z = sg(mean s)·n_data``; returns ``[...]``.
+
+    ``mean_score`` (``[...]``) replaces the per-call mean in Z, e.g. by its mean over data-parallel ranks.
+    """
     name = "nce_loss"
     _tensor(name, "scores", scores)
     if scores.ndim < 2 or scores.shape[-1] < 2:
@@ -489,7 +492,8 @@ def nce_loss(scores: Tensor, n_data: int, eps: float = 1e-7) -> Tensor:
     s = scores.float()
     B, K = s.shape[-2], s.shape[-1] - 1
     k_pi = K / n_data
-    p = s / (s.detach().mean(dim=(-2, -1), keepdim=True) * n_data)
+    mean = s.detach().mean(dim=(-2, -1)) if mean_score is None else mean_score.detach().float()
+    p = s / (mean[..., None, None] * n_data)
     log_pos = torch.log(p[..., 0] / (p[..., 0] + k_pi + eps))
     log_neg = torch.log(k_pi / (p[..., 1:] + k_pi + eps))
     return -(log_pos.sum(dim=-1) + log_neg.sum(dim=(-2, -1))) / B

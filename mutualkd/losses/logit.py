@@ -46,5 +46,6 @@ class EnsembleKD(_NeedsPeers):
 
     def forward(self, out, batch):
         per_peer = MF.ensemble_kd(out.logits, T=self.cfg.T)
-        loss = per_peer[-1] if self.cfg.targets == "last" else per_peer.sum()
-        return {"loss": loss, "per_peer": per_peer}
+        if self.cfg.targets == "last":  # only the last peer is distilled; log zeros for the others
+            per_peer = per_peer * (torch.arange(len(per_peer), device=per_peer.device) == len(per_peer) - 1)
+        return {"loss": per_peer.sum(), "per_peer": per_peer}

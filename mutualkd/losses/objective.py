@@ -86,3 +86,10 @@ class Objective(nn.Module):
             logs.update({f"{label}/{k}": v.detach() for k, v in parts.items()})
         logs["loss"] = total.detach()
         return {"loss": total, "logs": logs}
+
+    def after_backward(self) -> None:
+        """State updates that must wait until gradients are computed (memory banks); call after backward."""
+        for term in self.terms:
+            hook = getattr(term, "after_backward", None)
+            if hook is not None:
+                hook()
