@@ -118,6 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"mutualkd: error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:
+        print(f"mutualkd: error: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:  # a collective failed: another process died, diverged or stalled
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        print(f"mutualkd: error: rank {dist.get_rank()}: stopping, a collective with the other processes failed "
+              f"({first[:300]}); the last complete checkpoint stays in the run directory", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("mutualkd: interrupted", file=sys.stderr)
         return 130

@@ -8,6 +8,7 @@ make surfaces as one `UserError` line naming the key, before anything is built.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -181,6 +182,7 @@ class TrainConfig(Strict):
     cpu: bool = False  # train on CPU even when a GPU is present
     deterministic: bool = True
     log_every: int = Field(10, ge=1)  # steps between metric lines
+    collective_timeout_s: float = Field(300.0, gt=0.0)  # a rank that waits longer on the others fails
     progress: bool = True  # progress bar on the main process
 
 
@@ -208,7 +210,7 @@ class Config(Strict):
     embedding: EmbeddingConfig = EmbeddingConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
     train: TrainConfig = TrainConfig()
-    placement: Literal["data_parallel"] = "data_parallel"
+    placement: Literal["data_parallel", "peer_parallel"] = "data_parallel"
     tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("peers")
@@ -229,13 +231,28 @@ class Config(Strict):
 
 
 # ------------------------------------------------------------------------------ loading, overrides
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads `1e-3` and `5e4` as floats (YAML 1.1 wants a dot: `1.0e-3`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _parse(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass: plain data only
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read a config file as a mapping; any failure is a one-line UserError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _parse(path.read_text())
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
@@ -256,7 +273,7 @@ def apply_override(tree: dict, item: str) -> None:
     if not sep or not key:
         raise UserError(f"override {item!r}: expected dotted.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _parse(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     parts = key.split(".")

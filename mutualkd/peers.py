@@ -11,6 +11,7 @@ Projection heads live here, not in the backbones, so they are trained and checkp
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import timm
@@ -126,6 +127,14 @@ def make_head(kind: str, width: int, cfg: EmbeddingConfig) -> nn.Module:
     return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, cfg.dim))
 
 
+def _seeded(seed: int, key: int, make):
+    """`make()` under its own RNG stream from (seed, key): a peer's initial weights do not depend on which other
+    peers this process builds (peer-parallel placement) and leave the global stream untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 100_003 + key)
+        return make()
+
+
 def create_peer(arch: str, num_classes: int, in_chans: int, pretrained: bool = False, **kwargs) -> nn.Module:
     try:
         return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
@@ -142,18 +151,34 @@ def check_arch(arch: str, key: str) -> None:
         raise UserError(f"{key}: unknown model {arch!r} (not a timm or mutualkd model){hint}")
 
 
+_PEER_KEY = re.compile(r"^(peers|heads)\.(\d+)\.")
+
+
+def _reindex(key: str, mapping) -> str:
+    """Rename `peers.<i>.` / `heads.<i>.` to `<prefix>.<mapping[i]>.`."""
+    m = _PEER_KEY.match(key)
+    return key if m is None else f"{m.group(1)}.{mapping[int(m.group(2))]}.{key[m.end():]}"
+
+
 class PeerGroup(nn.Module):
     """P student networks plus their optional projection heads, run by one `forward`."""
 
-    def __init__(self, cfg: Config, num_classes: int, in_chans: int, image_size: tuple[int, int]):
+    def __init__(self, cfg: Config, num_classes: int, in_chans: int, image_size: tuple[int, int],
+                 local: list[int] | None = None):
+        """`local`: the global indices of the peers this process builds (peer-parallel placement); all by default."""
         super().__init__()
-        self.names = cfg.peer_names
-        self.archs = [p.arch for p in cfg.peers]
-        self.stem_grad_scale = cfg.topology.stem_grad_scale
         for i, p in enumerate(cfg.peers):
             check_arch(p.arch, f"peers.{i}.arch")
+        self.index = list(range(len(cfg.peers))) if local is None else list(local)
+        if len(self.index) < len(cfg.peers) and cfg.topology.kind != "independent":
+            raise UserError("placement: peer_parallel needs topology.kind=independent (a shared stem is one network)")
+        chosen = [cfg.peers[i] for i in self.index]
+        self.names = [p.name for p in chosen]
+        self.archs = [p.arch for p in chosen]
+        self.stem_grad_scale = cfg.topology.stem_grad_scale
         self.peers = nn.ModuleList(
-            create_peer(p.arch, num_classes, in_chans, p.pretrained, **p.model_kwargs) for p in cfg.peers
+            _seeded(cfg.seed, i, lambda p=p: create_peer(p.arch, num_classes, in_chans, p.pretrained, **p.model_kwargs))
+            for i, p in zip(self.index, chosen)
         )
         layouts = [stage_layout(m) for m in self.peers]
         probes = [
@@ -169,7 +194,10 @@ class PeerGroup(nn.Module):
         self.heads = None
         widths = self._dry_run(in_chans, image_size)
         if cfg.embedding.head != "none":
-            self.heads = nn.ModuleList(make_head(cfg.embedding.head, w, cfg.embedding) for w in widths)
+            self.heads = nn.ModuleList(
+                _seeded(cfg.seed, -1 - i, lambda w=w: make_head(cfg.embedding.head, w, cfg.embedding))
+                for i, w in zip(self.index, widths)
+            )
 
     # ------------------------------------------------------------------------------------ building
     def _share_stem(self, cfg: Config, layout) -> None:
@@ -261,6 +289,20 @@ class PeerGroup(nn.Module):
             if "logits" in want:
                 t["logits"] = logits[p]
         return GroupOutput(logits=logits, pre_logits=pre, embeddings=emb, taps=tapped)
+
+    def global_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict under the keys of a group holding every peer (`peers.<global index>.*`)."""
+        return {_reindex(k, self.index): v for k, v in self.state_dict().items()}
+
+    def load_global_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load this process's peers from a full group's state dict."""
+        back = {g: i for i, g in enumerate(self.index)}
+        mine = {}
+        for k, v in state.items():
+            m = _PEER_KEY.match(k)
+            if m is None or int(m.group(2)) in back:
+                mine[k if m is None else _reindex(k, back)] = v
+        self.load_state_dict(mine)
 
     def param_counts(self) -> list[int]:
         """Parameters of each peer's deployable network (shared stem counted in every peer; no heads)."""

@@ -1,21 +1,57 @@
-"""Placement: what crosses processes. Terms see the same tensors whatever the process count.
+"""Placement: which process runs which peer, and what crosses processes. Terms see the same tensors either way.
 
-Data-parallel (the default) splits each global batch over ranks. Per-sample losses need nothing; batch-coupled
-ones (in-batch contrast, the NCE normaliser, memory-bank updates) use the global batch through these helpers,
-which are identities in a single process (METHODS.md §0.5).
+- `data_parallel` (default): every rank runs every peer on its shard of the global batch (DDP). Per-sample
+  losses need nothing; batch-coupled ones (in-batch contrast, the NCE normaliser, memory-bank updates) use the
+  global batch through `gather_batch` / `mean_over_ranks` (METHODS.md §0.5).
+- `peer_parallel`: rank r runs only its block of peers on the whole global batch (every rank draws the same
+  batches and augmentations); peers exchange only logits and embeddings through a differentiable all-gather,
+  as large-scale codistillation does. Each rank backpropagates the (identical) objective scaled by 1/W; the
+  gather's backward sums the W contributions onto each peer's owner, so gradients equal single-process ones.
+
+In a single process every helper is the identity.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+
+from mutualkd.errors import UserError
+
+_peer_parallel = False
+
+
+def configure(kind: str) -> None:
+    """Select the placement for this process (called once per run by the trainer)."""
+    global _peer_parallel
+    _peer_parallel = kind == "peer_parallel"
 
 
 def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without an initialised process group."""
+    """(rank, world size) of the process group; (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def data_world() -> tuple[int, int]:
+    """(rank, world size) over which the data is split: every rank sees all the data in peer_parallel."""
+    return (0, 1) if _peer_parallel else world()
+
+
+def local_peers(num_peers: int) -> list[int]:
+    """The global indices of the peers this process runs."""
+    rank, size = world()
+    if not _peer_parallel or size == 1:
+        return list(range(num_peers))
+    if num_peers % size:
+        raise UserError(f"placement: peer_parallel needs a number of peers divisible by the {size} processes, "
+                        f"the config has {num_peers}")
+    block = num_peers // size
+    return list(range(rank * block, (rank + 1) * block))
 
 
 def _all_gather(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -44,7 +80,7 @@ class _GatherKeepLocal(torch.autograd.Function):
 
 def gather_batch(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """The global batch of `x` (equal shards per rank), gradient flowing into the local shard only."""
-    if world()[1] == 1:
+    if data_world()[1] == 1:
         return x
     if not x.requires_grad:
         return _all_gather(x, dim)
@@ -52,9 +88,52 @@ def gather_batch(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 
 def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    """Mean of `x` across ranks (no gradient): for normalisers computed from per-rank statistics."""
-    if world()[1] == 1:
+    """Mean of a per-shard statistic over the data ranks (no gradient), e.g. the NCE normaliser."""
+    size = data_world()[1]
+    if size == 1:
         return x
     x = x.detach().clone()
     dist.all_reduce(x)
-    return x / world()[1]
+    return x / size
+
+
+def sum_over_data_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Sum of per-shard counts over the data ranks (evaluation)."""
+    if data_world()[1] == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x
+
+
+def exchange(out):
+    """peer_parallel: the group output of all peers from each rank's local peers (logits and embeddings only;
+    pre-logits and taps stay local). Differentiable when gradients are enabled.
+
+    Logits and embeddings travel in ONE all-gather. With two differentiable gathers (each running a collective
+    in backward) the embeddings' gradients came out wrong on 2 gloo ranks; with one, training matches a single
+    process (tests/test_distributed.py). One collective per step is also the cheaper exchange.
+    """
+    if not _peer_parallel or world()[1] == 1:
+        return out
+    parts = [out.logits.float()] + ([out.embeddings] if out.embeddings is not None else [])
+    both = torch.cat(parts, dim=-1).contiguous()
+    gathered = torch.cat(dist_nn.all_gather(both)) if torch.is_grad_enabled() else _all_gather(both, 0)
+    logits, emb = gathered.split([out.logits.shape[-1], gathered.shape[-1] - out.logits.shape[-1]], dim=-1)
+    return dataclasses.replace(out, logits=logits, embeddings=emb if out.embeddings is not None else None)
+
+
+def loss_scale() -> float:
+    """Factor on the loss before backward: 1/W in peer_parallel, where every rank holds the same objective."""
+    return 1.0 / world()[1] if _peer_parallel else 1.0
+
+
+def clip_grad_norm_(params, max_norm: float) -> None:
+    """peer_parallel: clip by the norm over every rank's peers, as a single process would."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+    if world()[1] > 1:
+        dist.all_reduce(total)
+    coef = (max_norm / (total.sqrt() + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))

@@ -22,6 +22,11 @@ def test_shipped_configs_validate_and_round_trip(path):
     assert C.validate(C.yaml.safe_load(C.dump(cfg))) == cfg
 
 
+def test_scientific_notation_without_a_dot_is_a_float():
+    cfg = C.load_config(None, ["train.optimizer.lr=1e-3", "train.optimizer.weight_decay=5E-4", "train.clip_grad_norm=2e1"])
+    assert (cfg.train.optimizer.lr, cfg.train.optimizer.weight_decay, cfg.train.clip_grad_norm) == (1e-3, 5e-4, 20.0)
+
+
 def test_dotted_overrides_parse_yaml_values_and_reach_lists():
     cfg = C.load_config(None, ["peers.0.arch=resnet18", "train.epochs=2", "train.optimizer.lr=1",
                                "peers.2.arch=wrn_16_1", "tracking=wandb", "objective.terms=[{name: ce}]"])
@@ -46,7 +51,7 @@ def test_dotted_overrides_parse_yaml_values_and_reach_lists():
     (["peers.7.arch=x"], r"override peers\.7\.arch: index 7 out of range \(peers has 2 entries\)"),
     (["train.epochs"], r"override 'train\.epochs': expected dotted\.key=value"),
     (["train.epochs.x=1"], r"override train\.epochs\.x: train\.epochs is a value, not a section"),
-    (["placement=peer_parallel"], r"placement: input should be 'data_parallel'"),
+    (["placement=model_parallel"], r"placement: input should be .data_parallel. or .peer_parallel."),
 ])
 def test_bad_values_name_the_key_and_the_allowed_values(overrides, message):
     with pytest.raises(UserError, match=message) as err:

@@ -12,15 +12,18 @@ import dataclasses
 import json
 import math
 import time
+from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import InitProcessGroupKwargs, gather_object
 from tqdm.auto import tqdm
 
 from mutualkd import config as C
+from mutualkd import placement
 from mutualkd.data import BatchAugment, Splits, TrainBatchSampler, load_splits, make_train_loader
 from mutualkd.engine import checkpoint
 from mutualkd.engine.evaluate import evaluate
@@ -46,8 +49,9 @@ def make_accelerator(cfg: C.Config, run_dir: Path | None = None) -> Accelerator:
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     log_with, _ = tracker_kwargs(cfg, run_dir) if run_dir else ([], {})
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     acc = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision, log_with=log_with or None,
-                      project_dir=str(run_dir) if run_dir else None)
+                      project_dir=str(run_dir) if run_dir else None, kwargs_handlers=[timeout])
     if acc.device.type == "cpu":
         torch.set_flush_denormal(True)  # denormals slow CPU convolutions down up to 40x
     return acc
@@ -73,11 +77,13 @@ def build(cfg: C.Config, accelerator: Accelerator) -> Built:
                          image_size=d.image_size,
                          synthetic=d.synthetic.model_dump() if d.name == "synthetic" else None)
     spec = splits.spec
-    group = PeerGroup(cfg, spec.num_classes, spec.in_chans, spec.image_size)
+    placement.configure(cfg.placement)
+    group = PeerGroup(cfg, spec.num_classes, spec.in_chans, spec.image_size,
+                      local=placement.local_peers(len(cfg.peers)))
     ctx = BuildContext(peer_names=cfg.peer_names, num_classes=spec.num_classes,
                        train_targets=torch.as_tensor(splits.train.targets),
                        embedding_dim=cfg.embedding.dim if cfg.embedding.head != "none" else None,
-                       seed=cfg.seed, rank=accelerator.process_index)
+                       seed=cfg.seed, rank=placement.data_world()[0])
     objective = Objective(cfg.objective, ctx)
     augment = BatchAugment(spec, crop_padding=d.crop_padding if d.augment else 0,
                            flip=(d.flip if d.flip is not None else spec.flip) and d.augment)
@@ -94,46 +100,63 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
     if main and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(C.dump(cfg))
-    P = len(b.group.peers)
+    P, peer_parallel = len(cfg.peers), cfg.placement == "peer_parallel"
+    data_rank, data_size = placement.data_world()
 
     sampler = TrainBatchSampler(b.splits.train.targets, cfg.data.batch_size, seed=cfg.seed, kind=cfg.data.sampler,
-                                m=cfg.data.m_per_class, rank=accelerator.process_index,
-                                world_size=accelerator.num_processes)
+                                m=cfg.data.m_per_class, rank=data_rank, world_size=data_size)
     loader = make_train_loader(b.splits.train, sampler, cfg.data.num_workers)
     accum = cfg.train.grad_accum
     steps_per_epoch = math.ceil(len(sampler) / accum)
     if len(sampler) == 0:
-        raise UserError(f"data.batch_size: {cfg.data.batch_size} x {accelerator.num_processes} processes exceeds "
+        raise UserError(f"data.batch_size: {cfg.data.batch_size} x {data_size} processes exceeds "
                         f"the {len(b.splits.train)} training samples")
     optimizer = build_optimizer(list(b.group.parameters()) + list(b.objective.parameters()), cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch)
-    group, optimizer = accelerator.prepare(b.group, optimizer)
+    if peer_parallel:  # disjoint peers per rank: nothing to all-reduce, so no DDP wrapper
+        group, optimizer = b.group, accelerator.prepare(optimizer)
+    else:
+        group, optimizer = accelerator.prepare(b.group, optimizer)
     aug_rng = torch.Generator(device=device)
-    aug_rng.manual_seed(cfg.seed * 1_000_003 + accelerator.process_index)
+    aug_rng.manual_seed(cfg.seed * 1_000_003 + data_rank)
 
     epoch, skip, step, history, wall_before = 0, 0, 0, [], 0.0
     ckpt_dir = run_dir / "checkpoints"
     log = MetricsLog(run_dir, accelerator, cfg, active=main)
     if resume:
         state = checkpoint.load(ckpt_dir / "last.pt")
-        b.group.load_state_dict(state["model"])
+        b.group.load_global_state_dict(state["model"])
         b.objective.load_state_dict(state["objective"])
-        optimizer.optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
-        aug_rng.set_state(state["aug_rng"])
+        if len(state["ranks"]) != accelerator.num_processes:
+            raise UserError(f"--resume: the checkpoint was written by {len(state['ranks'])} processes; "
+                            f"resume with the same number (this launch has {accelerator.num_processes})")
+        local = state["ranks"][accelerator.process_index]
+        optimizer.optimizer.load_state_dict(local["optimizer"] if peer_parallel else state["optimizer"])
+        checkpoint.set_rng_state(local["rng"])
+        aug_rng.set_state(local["aug_rng"])
+        b.objective.load_state_dict(local["objective"], strict=False)
         epoch, skip, step = state["epoch"], state["batch"], state["step"]
         history, wall_before = json.loads(state["history"]), state["wall_time_s"]
         log.wall_before = wall_before
         log.truncate_after(step)
 
     def save(name: str, batch_in_epoch: int) -> None:
+        # each rank's own random streams (global RNGs, augmentation, negative samplers), gathered to rank 0
+        own = {"optimizer": optimizer.optimizer.state_dict()} if peer_parallel else {}
+        models = gather_object([_cpu(b.group.global_state_dict())]) if peer_parallel else [b.group.state_dict()]
+        ranks = gather_object([{**own, "rng": checkpoint.rng_state(), "aug_rng": aug_rng.get_state(),
+                                "objective": {k: v for k, v in b.objective.state_dict().items()
+                                              if k.endswith("_extra_state")},
+                                "buffer_sums": {k: v.double().sum().item() for k, v in b.objective.named_buffers()}}])
         if not main:
             return
-        payload = {"config": C.dump(cfg), "model": accelerator.unwrap_model(group).state_dict(),
-                   "objective": b.objective.state_dict(), "optimizer": optimizer.optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
-                   "aug_rng": aug_rng.get_state(), "epoch": epoch, "batch": batch_in_epoch, "step": step,
+        if any(r["buffer_sums"] != ranks[0]["buffer_sums"] for r in ranks):  # replicated state (memory banks)
+            raise RuntimeError(f"objective state differs across ranks: {[r['buffer_sums'] for r in ranks]}")
+        payload = {"ranks": ranks, "config": C.dump(cfg), "model": {k: v for m in models for k, v in m.items()},
+                   "objective": b.objective.state_dict(),
+                   "optimizer": None if peer_parallel else optimizer.optimizer.state_dict(),
+                   "scheduler": scheduler.state_dict(), "epoch": epoch, "batch": batch_in_epoch, "step": step,
                    "history": json.dumps(history), "data_spec": dataclasses.asdict(b.splits.spec),
                    "wall_time_s": wall_before + time.time() - start_time}
         checkpoint.save(payload, ckpt_dir / f"{name}.pt")
@@ -153,11 +176,15 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
             sync = (i + 1) % accum == 0 or i + 1 == len(sampler)
             x = batch["image"].to(device, non_blocking=True)
             batch = {"target": batch["target"].to(device), "index": batch["index"].to(device)}
-            inputs = b.augment.views(x, P, aug_rng) if cfg.data.views == "per_peer" else b.augment(x, aug_rng, train=True)
-            with contextlib.nullcontext() if sync else accelerator.no_sync(group):
-                out = group(inputs)
+            if cfg.data.views == "per_peer":  # every peer's view is drawn on every rank; each runs its own
+                views = b.augment.views(x, P, aug_rng)
+                inputs = [views[p] for p in b.group.index]
+            else:
+                inputs = b.augment(x, aug_rng, train=True)
+            with contextlib.nullcontext() if sync else accelerator.no_sync(group), accelerator.autocast():
+                out = placement.exchange(group(inputs))
                 losses = b.objective(out, batch, epoch + i / len(sampler))
-                accelerator.backward(losses["loss"] / accum)
+            accelerator.backward(losses["loss"] * placement.loss_scale() / accum)
             b.objective.after_backward()
             for k, v in losses["logs"].items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -165,16 +192,19 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
             if not sync:
                 continue
             if cfg.train.clip_grad_norm:
-                accelerator.clip_grad_norm_(group.parameters(), cfg.train.clip_grad_norm)
+                clip = placement.clip_grad_norm_ if peer_parallel else accelerator.clip_grad_norm_
+                clip(b.group.parameters(), cfg.train.clip_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
             if step % cfg.train.log_every == 0:  # the only host sync of the step, once per interval
-                means = dict(zip(sums, (torch.stack([torch.as_tensor(v) for v in sums.values()]) / n_logged).tolist()))
-                if not math.isfinite(means["loss"]):
-                    raise FloatingPointError(f"training diverged: loss is {means['loss']} at step {step}")
+                local = torch.stack([torch.as_tensor(v, device=device) for v in sums.values()]) / n_logged
+                means = dict(zip(sums, accelerator.reduce(local, reduction="mean").tolist()))
+                if not math.isfinite(means["loss"]):  # the mean over ranks: every rank stops together
+                    raise FloatingPointError(f"training diverged: loss is {means['loss']} at step {step} "
+                                             f"(last complete checkpoint: {ckpt_dir / 'last.pt'})")
                 log.write({"epoch": epoch + (i + 1) / len(sampler), "lr": scheduler.get_last_lr()[0],
                            "train": means}, step)
                 bar.set_postfix(loss=f"{means['loss']:.3f}")
@@ -205,18 +235,25 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
                       zip(cfg.peer_names, record["test"]["top1"])) + f" ensemble={ens:.2f}")
     bar.close()
     log.close()
-    summary = summarize(cfg, b.group, history, wall_before + time.time() - start_time, accelerator.num_processes)
+    counts = dict(gather_object(list(zip(b.group.index, b.group.param_counts()))))
+    summary = summarize(cfg, [counts[p] for p in range(P)], history, wall_before + time.time() - start_time,
+                        accelerator.num_processes)
     if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(table(summary))
     return summary
 
 
-def summarize(cfg: C.Config, group: PeerGroup, history: list[dict], wall: float, world: int) -> dict:
+def _cpu(state: dict) -> dict:
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def summarize(cfg: C.Config, params: list[int], history: list[dict], wall: float, world: int) -> dict:
     rows = select(history, cfg.peer_names)
-    peers = [{"name": n, "arch": a, "params": c, **rows[n]}
-             for n, a, c in zip(cfg.peer_names, group.archs, group.param_counts())]
+    peers = [{"name": n, "arch": p.arch, "params": c, **rows[n]}
+             for n, p, c in zip(cfg.peer_names, cfg.peers, params)]
     return {"peers": peers, "ensemble": {"name": "ensemble", **rows["ensemble"]}, "epochs": history[-1]["epoch"],
             "wall_time_s": wall, "seed": cfg.seed, "topology": cfg.topology.kind, "world_size": world,
-            "global_batch": cfg.data.batch_size * world, "dataset": cfg.data.name,
+            "global_batch": cfg.data.batch_size * (world if cfg.placement == "data_parallel" else 1),
+            "placement": cfg.placement, "dataset": cfg.data.name,
             "selection": "per model, best validation top-1 (latest epoch on ties); never test"}
