@@ -57,7 +57,7 @@ def _eval(args) -> int:
     accelerator = make_accelerator(cfg)
     b = build(without_hub_weights(cfg), accelerator)
     b.group.load_state_dict(group.state_dict())
-    results = {"checkpoint": args.checkpoint, "epoch": state["epoch"], "step": state["step"]}
+    results = {"checkpoint": args.checkpoint or "default", "epoch": state["epoch"], "step": state["step"]}
     splits = {"test": b.splits.test, "val": b.splits.val}
     for split in ("test", "val"):
         if splits[split] is not None:
@@ -65,7 +65,7 @@ def _eval(args) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        print(f"{args.run_dir}: checkpoint {args.checkpoint} (epoch {state['epoch']}, step {state['step']})")
+        print(f"{args.run_dir}: checkpoint {args.checkpoint or 'default'} (epoch {state['epoch']}, step {state['step']})")
         print(f"{'split':<6}" + "".join(f"{n:>12}" for n in cfg.peer_names) + f"{'ensemble':>12}")
         for split in ("test", "val"):
             if split in results:
@@ -94,13 +94,15 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
     e = sub.add_parser("eval", help="re-evaluate a run's checkpoint on its test and validation splits")
     e.add_argument("run_dir")
-    e.add_argument("--checkpoint", choices=("best", "last"), default="last")
+    e.add_argument("--checkpoint", choices=("best", "last"), default=None,
+                   help="default: best when the run has a validation split, else last")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     e.set_defaults(func=_eval)
     x = sub.add_parser("export", help="write one peer as a timm-loadable safetensors file")
     x.add_argument("run_dir")
     x.add_argument("--peer", required=True, help="peer index or name")
-    x.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    x.add_argument("--checkpoint", choices=("best", "last"), default=None,
+                   help="default: best when the run has a validation split, else last")
     x.add_argument("--out", help="output folder (default: RUN_DIR/exports)")
     x.set_defaults(func=_export)
     return ap

@@ -8,7 +8,6 @@ auxiliaries are not part of the export.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -16,10 +15,10 @@ from safetensors.torch import save as save_safetensors
 
 from mutualkd.engine import checkpoint
 from mutualkd.errors import UserError
-from mutualkd.runs import group_from_state
+from mutualkd.runs import checkpoint_path, group_from_state
 
 
-def export_peer(run_dir: Path, peer: str, which: str = "best", out_dir: Path | None = None) -> Path:
+def export_peer(run_dir: Path, peer: str, which: str | None = None, out_dir: Path | None = None) -> Path:
     """Write `<out_dir>/<peer name>.safetensors` and `.json`; `peer` is an index or a peer name."""
     cfg, state, group = group_from_state(run_dir, which)
     names = cfg.peer_names
@@ -41,21 +40,8 @@ def export_peer(run_dir: Path, peer: str, which: str = "best", out_dir: Path | N
     meta = {"arch": arch, "peer": names[k], "pretrained_cfg": json.dumps(pretrained_cfg)}
     checkpoint.atomic_write(weights, lambda f: f.write(save_safetensors(tensors, metadata=meta)))
     usage = (f"timm.create_model({arch!r}, pretrained=True, pretrained_cfg_overlay=cfg)"
-             + ("  # after `import mutualkd.models`" if arch in _zoo() else ""))
-    info = {"arch": arch, "peer": names[k], "source": str(run_dir / "checkpoints" / f"{which}.pt"),
+             + ("  # after `import mutualkd.models`" if type(model).__module__.startswith("mutualkd.") else ""))
+    info = {"arch": arch, "peer": names[k], "source": str(checkpoint_path(run_dir, which)),
             "pretrained_cfg": pretrained_cfg, "usage": usage}
     checkpoint.atomic_write(weights.with_suffix(".json"), lambda f: f.write(json.dumps(info, indent=2).encode() + b"\n"))
     return weights
-
-
-def _zoo() -> set[str]:
-    import timm
-
-    import mutualkd.models  # noqa: F401
-
-    return set(timm.list_models(module="mutualkd.models")) | {
-        n for n in timm.list_models() if timm.models.get_pretrained_cfg(n) and
-        getattr(timm.models._registry, "_model_to_module", {}).get(n, "").startswith("mutualkd")}
-
-
-__all__ = ["export_peer", "io"]

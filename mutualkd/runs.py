@@ -30,13 +30,21 @@ def without_hub_weights(cfg: C.Config) -> C.Config:
     return cfg
 
 
-def group_from_state(run_dir: Path, which: str):
+def checkpoint_path(run_dir: Path, which: str | None) -> Path:
+    """checkpoints/<which>.pt; with None, best.pt if the run has one (it needs a validation split), else last.pt."""
+    folder = Path(run_dir) / "checkpoints"
+    if which is None:
+        which = "best" if (folder / "best.pt").is_file() else "last"
+    return folder / f"{which}.pt"
+
+
+def group_from_state(run_dir: Path, which: str | None):
     """(config, checkpoint dict, PeerGroup with the checkpoint's weights, in eval mode on CPU)."""
     from mutualkd.peers import PeerGroup
 
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
-    state = checkpoint.load(run_dir / "checkpoints" / f"{which}.pt")
+    state = checkpoint.load(checkpoint_path(run_dir, which))
     spec = state["data_spec"]
     group = PeerGroup(without_hub_weights(cfg), spec["num_classes"], spec["in_chans"], tuple(spec["image_size"]))
     group.load_state_dict(state["model"])

@@ -216,3 +216,16 @@ def test_every_shipped_config_runs_one_step(tmp_path, name):
     run = train(tmp_path / "run", str(ROOT / "configs" / f"{name}.yaml"), "train.max_steps=1",
                 "train.progress=false", *extra)
     assert checkpoint.load(run / "checkpoints" / "last.pt")["step"] == 1
+
+
+def test_without_a_validation_split_eval_and_export_default_to_the_last_checkpoint(tmp_path, capsys):
+    run = train(tmp_path / "run", "train.progress=false", "train.epochs=1", "data.val_split=0")
+    assert not (run / "checkpoints" / "best.pt").exists()
+    s = summary(run)
+    assert s["peers"][0]["val_selected_test_top1"] is None  # reported as n/a, never selected on test
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test"]["top1"] == [p["final_test_top1"] for p in s["peers"]]
+    assert main(["export", str(run), "--peer", "peer1"]) == 0
+    info = json.loads((run / "exports" / "peer1.json").read_text())
+    assert info["source"].endswith("last.pt") and info["usage"].endswith("# after `import mutualkd.models`")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -35,6 +36,12 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def copy(src: Path, dst: Path) -> None:
+    """Atomically copy a written checkpoint (last -> best) without serialising it again."""
+    with src.open("rb") as f:
+        atomic_write(dst, lambda out: shutil.copyfileobj(f, out, length=1 << 24))
 
 
 def save(payload: dict, path: Path) -> None:

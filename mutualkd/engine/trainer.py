@@ -141,7 +141,7 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
         log.wall_before = wall_before
         log.truncate_after(step)
 
-    def save(name: str, batch_in_epoch: int) -> None:
+    def save(name: str, batch_in_epoch: int) -> None:  # collective: every rank calls it
         # each rank's own random streams (global RNGs, augmentation, negative samplers), gathered to rank 0
         own = {"optimizer": optimizer.optimizer.state_dict()} if peer_parallel else {}
         models = gather_object([_cpu(b.group.global_state_dict())]) if peer_parallel else [b.group.state_dict()]
@@ -227,8 +227,8 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
         history.append(record)
         log.write({"epoch": epoch, "eval": record}, step)
         save("last", 0)
-        if "val" in record and sel_metric(record) >= best_before:
-            save("best", 0)
+        if main and "val" in record and sel_metric(record) >= best_before:
+            checkpoint.copy(ckpt_dir / "last.pt", ckpt_dir / "best.pt")
         if main:
             ens = record["test"]["ensemble_top1"]
             bar.write(f"epoch {epoch}: test top-1 " + " ".join(f"{n}={a:.2f}" for n, a in
