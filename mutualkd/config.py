@@ -180,6 +180,7 @@ class TrainConfig(Strict):
     clip_grad_norm: float | None = Field(None, gt=0.0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     cpu: bool = False  # train on CPU even when a GPU is present
+    compile: bool = False  # torch.compile the peer group's training forward (first steps pay the compile)
     deterministic: bool = True
     log_every: int = Field(10, ge=1)  # steps between metric lines
     collective_timeout_s: float = Field(300.0, gt=0.0)  # a rank that waits longer on the others fails

@@ -229,3 +229,14 @@ def test_without_a_validation_split_eval_and_export_default_to_the_last_checkpoi
     assert main(["export", str(run), "--peer", "peer1"]) == 0
     info = json.loads((run / "exports" / "peer1.json").read_text())
     assert info["source"].endswith("last.pt") and info["usage"].endswith("# after `import mutualkd.models`")
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    """train.compile runs the same computation: the first logged losses agree."""
+    args = ["train.progress=false", "train.max_steps=4", "train.log_every=2"]
+    eager = train(tmp_path / "eager", *args)
+    compiled = train(tmp_path / "compiled", *args, "train.compile=true")
+    a = [r["train"]["loss"] for r in records(eager) if "train" in r]
+    b = [r["train"]["loss"] for r in records(compiled) if "train" in r]
+    assert len(a) == len(b) == 2
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)

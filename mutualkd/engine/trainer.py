@@ -117,6 +117,8 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
         group, optimizer = b.group, accelerator.prepare(optimizer)
     else:
         group, optimizer = accelerator.prepare(b.group, optimizer)
+    if cfg.train.compile:  # evaluation keeps the eager module: its batch shapes vary
+        group = torch.compile(group)
     aug_rng = torch.Generator(device=device)
     aug_rng.manual_seed(cfg.seed * 1_000_003 + data_rank)
 
