@@ -126,46 +126,22 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
     aug_rng = torch.Generator(device=device)
     aug_rng.manual_seed(cfg.seed * 1_000_003 + data_rank)
 
-    epoch, skip, step, history, wall_before = 0, 0, 0, [], 0.0
     ckpt_dir = run_dir / "checkpoints"
     log = MetricsLog(run_dir, accelerator, cfg, active=main)
+    progress = restore(ckpt_dir / "last.pt", b, optimizer, scheduler, aug_rng, accelerator, peer_parallel) \
+        if resume else Progress()
+    epoch, skip, step, history, wall_before = (progress.epoch, progress.batch, progress.step, progress.history,
+                                               progress.wall_time_s)
     if resume:
-        state = checkpoint.load(ckpt_dir / "last.pt")
-        b.group.load_global_state_dict(state["model"])
-        b.objective.load_state_dict(state["objective"])
-        scheduler.load_state_dict(state["scheduler"])
-        if len(state["ranks"]) != accelerator.num_processes:
-            raise UserError(f"--resume: the checkpoint was written by {len(state['ranks'])} processes; "
-                            f"resume with the same number (this launch has {accelerator.num_processes})")
-        local = state["ranks"][accelerator.process_index]
-        optimizer.optimizer.load_state_dict(local["optimizer"] if peer_parallel else state["optimizer"])
-        checkpoint.set_rng_state(local["rng"])
-        aug_rng.set_state(local["aug_rng"])
-        b.objective.load_state_dict(local["objective"], strict=False)
-        epoch, skip, step = state["epoch"], state["batch"], state["step"]
-        history, wall_before = json.loads(state["history"]), state["wall_time_s"]
         log.wall_before = wall_before
         log.truncate_after(step)
 
+    def wall() -> float:  # seconds of training over every invocation of this run
+        return wall_before + time.time() - start_time
+
     def save(name: str, batch_in_epoch: int) -> None:  # collective: every rank calls it
-        # each rank's own random streams (global RNGs, augmentation, negative samplers), gathered to rank 0
-        own = {"optimizer": optimizer.optimizer.state_dict()} if peer_parallel else {}
-        models = gather_object([_cpu(b.group.global_state_dict())]) if peer_parallel else [b.group.state_dict()]
-        ranks = gather_object([{**own, "rng": checkpoint.rng_state(), "aug_rng": aug_rng.get_state(),
-                                "objective": {k: v for k, v in b.objective.state_dict().items()
-                                              if k.endswith("_extra_state")},
-                                "buffer_sums": {k: v.double().sum().item() for k, v in b.objective.named_buffers()}}])
-        if not main:
-            return
-        if any(r["buffer_sums"] != ranks[0]["buffer_sums"] for r in ranks):  # replicated state (memory banks)
-            raise RuntimeError(f"objective state differs across ranks: {[r['buffer_sums'] for r in ranks]}")
-        payload = {"ranks": ranks, "config": C.dump(cfg), "model": {k: v for m in models for k, v in m.items()},
-                   "objective": b.objective.state_dict(),
-                   "optimizer": None if peer_parallel else optimizer.optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(), "epoch": epoch, "batch": batch_in_epoch, "step": step,
-                   "history": json.dumps(history), "data_spec": dataclasses.asdict(b.splits.spec),
-                   "wall_time_s": wall_before + time.time() - start_time}
-        checkpoint.save(payload, ckpt_dir / f"{name}.pt")
+        save_checkpoint(ckpt_dir / f"{name}.pt", cfg, b, optimizer, scheduler, aug_rng, accelerator,
+                        Progress(epoch, batch_in_epoch, step, history, wall()))
 
     def sel_metric(h: dict) -> float:  # the `best` checkpoint: mean validation top-1 of the peers
         return sum(h["val"]["top1"]) / P
@@ -242,13 +218,66 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
     bar.close()
     log.close()
     counts = dict(gather_object(list(zip(b.group.index, b.group.param_counts()))))
-    summary = summarize(cfg, [counts[p] for p in range(P)], history, wall_before + time.time() - start_time,
-                        accelerator.num_processes)
+    summary = summarize(cfg, [counts[p] for p in range(P)], history, wall(), accelerator.num_processes)
     if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(table(summary))
     return summary
 
+
+
+@dataclass
+class Progress:
+    """Where a run stands: what a checkpoint holds besides module, optimizer and RNG states."""
+
+    epoch: int = 0
+    batch: int = 0  # micro-batches done in `epoch` (mid-epoch checkpoints)
+    step: int = 0  # optimizer steps done
+    history: list = dataclasses.field(default_factory=list)  # one evaluation record per epoch
+    wall_time_s: float = 0.0
+
+
+def save_checkpoint(path: Path, cfg, b: Built, optimizer, scheduler, aug_rng, accelerator, progress: Progress) -> None:
+    """Gather every rank's state (collective), then rank 0 writes one atomic file.
+
+    Per rank: global RNGs, the augmentation stream, the objective's samplers and, under peer_parallel, its own
+    optimizer; the peers of every rank under single-process names; replicated buffers (memory banks) are
+    checked to be identical on every rank.
+    """
+    peer_parallel = cfg.placement == "peer_parallel"
+    own = {"optimizer": optimizer.optimizer.state_dict()} if peer_parallel else {}
+    models = gather_object([_cpu(b.group.global_state_dict())]) if peer_parallel else [b.group.state_dict()]
+    ranks = gather_object([{**own, "rng": checkpoint.rng_state(), "aug_rng": aug_rng.get_state(),
+                            "objective": {k: v for k, v in b.objective.state_dict().items() if k.endswith("_extra_state")},
+                            "buffer_sums": {k: v.double().sum().item() for k, v in b.objective.named_buffers()}}])
+    if not accelerator.is_main_process:
+        return
+    if any(r["buffer_sums"] != ranks[0]["buffer_sums"] for r in ranks):
+        raise RuntimeError(f"objective state differs across ranks: {[r['buffer_sums'] for r in ranks]}")
+    payload = {"ranks": ranks, "config": C.dump(cfg), "model": {k: v for m in models for k, v in m.items()},
+               "objective": b.objective.state_dict(),
+               "optimizer": None if peer_parallel else optimizer.optimizer.state_dict(),
+               "scheduler": scheduler.state_dict(), "epoch": progress.epoch, "batch": progress.batch,
+               "step": progress.step, "history": json.dumps(progress.history),
+               "data_spec": dataclasses.asdict(b.splits.spec), "wall_time_s": progress.wall_time_s}
+    checkpoint.save(payload, path)
+
+
+def restore(path: Path, b: Built, optimizer, scheduler, aug_rng, accelerator, peer_parallel: bool) -> Progress:
+    """Load a checkpoint into the built run (this rank's share of it) and return where the run stood."""
+    state = checkpoint.load(path)
+    if len(state["ranks"]) != accelerator.num_processes:
+        raise UserError(f"--resume: the checkpoint was written by {len(state['ranks'])} processes; "
+                        f"resume with the same number (this launch has {accelerator.num_processes})")
+    local = state["ranks"][accelerator.process_index]
+    b.group.load_global_state_dict(state["model"])
+    b.objective.load_state_dict(state["objective"])
+    b.objective.load_state_dict(local["objective"], strict=False)  # this rank's samplers
+    optimizer.optimizer.load_state_dict(local["optimizer"] if peer_parallel else state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    checkpoint.set_rng_state(local["rng"])
+    aug_rng.set_state(local["aug_rng"])
+    return Progress(state["epoch"], state["batch"], state["step"], json.loads(state["history"]), state["wall_time_s"])
 
 def _cpu(state: dict) -> dict:
     return {k: v.detach().cpu() for k, v in state.items()}
