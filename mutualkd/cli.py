@@ -38,7 +38,7 @@ def _train(args) -> int:
     else:
         cfg = C.load_config(config_path, overrides)
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{cfg.data.name}")
-        if (run_dir / "checkpoints").exists() or (run_dir / "summary.json").exists():
+        if any((run_dir / name).exists() for name in ("checkpoints", "summary.json", "config.yaml", "metrics.jsonl")):
             raise UserError(f"--run-dir: {run_dir} already holds a run; resume it with --resume {run_dir} "
                             "or choose another directory")
     from mutualkd.engine.trainer import train
@@ -61,7 +61,8 @@ def _eval(args) -> int:
     splits = {"test": b.splits.test, "val": b.splits.val}
     for split in ("test", "val"):
         if splits[split] is not None:
-            results[split] = evaluate(b.group, splits[split], b.augment, accelerator, cfg.data.eval_batch_size)
+            results[split] = evaluate(b.group, splits[split], b.augment, accelerator, cfg.data.eval_batch_size,
+                                      len(cfg.peers))
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -157,7 +157,7 @@ class OptimizerConfig(Strict):
     lr: float = Field(0.1, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd
     nesterov: bool = True  # sgd
-    betas: list[float] = Field([0.9, 0.999], min_length=2, max_length=2)  # adamw
+    betas: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field([0.9, 0.999], min_length=2, max_length=2)  # adamw
     weight_decay: float = Field(5e-4, ge=0.0)
 
 
@@ -225,6 +225,17 @@ class Config(Strict):
                 raise ValueError(f"peers.{i}.name: duplicate peer name {p.name!r}")
             seen.add(p.name)
         return peers
+
+    @model_validator(mode="after")
+    def _heads_are_used(self) -> "Config":
+        uses = [t.name for t in self.objective.terms if t.name in EMBEDDING_TERMS]
+        if self.embedding.head != "none" and not uses:
+            raise ValueError(f"embedding.head: {self.embedding.head!r} heads would be trained by nothing; no term in "
+                             f"objective.terms uses embeddings ({', '.join(EMBEDDING_TERMS)}); set embedding.head=none")
+        if self.placement == "peer_parallel" and self.train.mixed_precision == "fp16":
+            raise ValueError("train.mixed_precision: fp16 is not supported with placement=peer_parallel "
+                             "(each rank would skip overflowing steps on its own); use bf16")
+        return self
 
     @property
     def peer_names(self) -> list[str]:

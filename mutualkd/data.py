@@ -554,8 +554,11 @@ def _worker_init(worker_id: int) -> None:
 
 
 def _loader(dataset: Dataset, batch_sampler: Any, num_workers: int) -> DataLoader:
+    # A private generator: every iter() of a DataLoader draws a seed from it; from the global stream that draw
+    # would shift dropout masks between an uninterrupted and a resumed run.
     return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=identity_collate, num_workers=num_workers,
-                      persistent_workers=num_workers > 0, worker_init_fn=_worker_init if num_workers > 0 else None)
+                      persistent_workers=num_workers > 0, worker_init_fn=_worker_init if num_workers > 0 else None,
+                      generator=torch.Generator().manual_seed(0))
 
 
 def make_train_loader(dataset: Dataset, batch_sampler: TrainBatchSampler, num_workers: int = 0) -> DataLoader:

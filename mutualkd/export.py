@@ -39,9 +39,11 @@ def export_peer(run_dir: Path, peer: str, which: str | None = None, out_dir: Pat
     tensors = {n: t.detach().contiguous().clone() for n, t in model.state_dict().items()}
     meta = {"arch": arch, "peer": names[k], "pretrained_cfg": json.dumps(pretrained_cfg)}
     checkpoint.atomic_write(weights, lambda f: f.write(save_safetensors(tensors, metadata=meta)))
-    usage = (f"timm.create_model({arch!r}, pretrained=True, pretrained_cfg_overlay=cfg)"
+    kwargs = cfg.peers[group.index[k]].model_kwargs
+    extra = "".join(f", {n}={v!r}" for n, v in kwargs.items())
+    usage = (f"timm.create_model({arch!r}, pretrained=True, pretrained_cfg_overlay=cfg{extra})"
              + ("  # after `import mutualkd.models`" if type(model).__module__.startswith("mutualkd.") else ""))
     info = {"arch": arch, "peer": names[k], "source": str(checkpoint_path(run_dir, which)),
-            "pretrained_cfg": pretrained_cfg, "usage": usage}
+            "pretrained_cfg": pretrained_cfg, "model_kwargs": kwargs, "usage": usage}
     checkpoint.atomic_write(weights.with_suffix(".json"), lambda f: f.write(json.dumps(info, indent=2).encode() + b"\n"))
     return weights

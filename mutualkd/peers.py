@@ -140,6 +140,12 @@ def create_peer(arch: str, num_classes: int, in_chans: int, pretrained: bool = F
         return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
     except TypeError as err:
         raise UserError(f"peers: cannot create {arch!r} with {kwargs}: {err}") from None
+    except Exception as err:  # hub or file errors behind pretrained=True
+        if not pretrained:
+            raise
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise UserError(f"peers: pretrained weights for {arch!r} could not be loaded ({first[:200]}); they need hub "
+                        "access or a local cache (HF_HUB_OFFLINE is set in tests)") from None
 
 
 def check_arch(arch: str, key: str) -> None:

@@ -106,6 +106,22 @@ def sum_over_data_ranks(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def average_buffers(module: torch.nn.Module) -> None:
+    """data_parallel: average floating buffers (BatchNorm statistics) over ranks, in place.
+
+    DDP broadcasts rank 0's buffers before each forward, then every rank updates them from its own shard, so
+    after a step the ranks disagree. Averaging before evaluation and checkpoints makes every rank evaluate the
+    model that is saved, with statistics from the whole global batch.
+    """
+    size = data_world()[1]
+    if size == 1:
+        return
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf.div_(size)
+
+
 def exchange(out):
     """peer_parallel: the group output of all peers from each rank's local peers (logits and embeddings only;
     pre-logits and taps stay local). Differentiable when gradients are enabled.

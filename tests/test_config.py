@@ -51,6 +51,9 @@ def test_dotted_overrides_parse_yaml_values_and_reach_lists():
     (["peers.7.arch=x"], r"override peers\.7\.arch: index 7 out of range \(peers has 2 entries\)"),
     (["train.epochs"], r"override 'train\.epochs': expected dotted\.key=value"),
     (["train.epochs.x=1"], r"override train\.epochs\.x: train\.epochs is a value, not a section"),
+    (["embedding.head=mlp"], r"embedding\.head: 'mlp' heads would be trained by nothing"),
+    (["train.optimizer.betas=[0.9, 1.5]"], r"train\.optimizer\.betas\.1: input should be less than 1"),
+    (["placement=peer_parallel", "train.mixed_precision=fp16"], r"train\.mixed_precision: fp16 is not supported"),
     (["placement=model_parallel"], r"placement: input should be .data_parallel. or .peer_parallel."),
 ])
 def test_bad_values_name_the_key_and_the_allowed_values(overrides, message):

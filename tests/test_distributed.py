@@ -16,7 +16,7 @@ import torch
 from mutualkd.engine import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
 QUIET = ["train.progress=false", "train.log_every=5"]
 
 
@@ -56,6 +56,13 @@ def test_data_parallel_matches_one_process_with_the_same_global_batch(tmp_path):
         assert abs(a - b) <= 3.0, (final_one, final_dp)
     summary = json.loads((tmp_path / "dp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch"] == 64
+    # BatchNorm statistics are averaged over ranks before evaluation and saving: one process re-evaluating
+    # the saved checkpoint gets exactly the numbers the ranks reported
+    r = subprocess.run([sys.executable, "-m", "mutualkd", "eval", str(tmp_path / "dp"), "--checkpoint", "last",
+                        "--json"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = json.loads(r.stdout)
+    assert again["test"]["top1"] == final_dp["top1"] and again["val"]["top1"] == eval_dp[-1]["val"]["top1"]
 
 
 def test_peer_parallel_follows_the_single_process_trajectory(tmp_path):
@@ -148,3 +155,10 @@ def test_cpu_launch_script_runs_two_processes(tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_tracking_under_two_processes_finishes_the_run(tmp_path):
+    """Closing the trackers must not tear down the process group before the final collectives."""
+    run(["train.epochs=1", *QUIET, "data.batch_size=32", "tracking=wandb", "--run-dir", str(tmp_path / "run")],
+        procs=2)
+    assert (tmp_path / "run" / "summary.json").is_file() and list((tmp_path / "run" / "wandb").glob("offline-run-*"))

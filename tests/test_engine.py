@@ -18,9 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 
-# Two small peers with every stateful piece in play: per-peer views, embeddings, a memory bank with its
-# negative sampler, DOT and DML.
+# Two small peers with every stateful piece in play: per-peer views, dropout, embeddings, a memory bank with
+# its negative sampler, DOT and DML.
 STATEFUL = ["train.epochs=3", "train.progress=false", "train.log_every=5", "data.views=per_peer",
+            "peers.0.model_kwargs={drop_rate: 0.3}",  # dropout draws from the global RNG
             "embedding.head=linear", "embedding.dim=32",
             "objective.terms=[{name: ce}, {name: dml}, {name: dot, targets: all}, {name: mcl_okd, K: 64}]"]
 

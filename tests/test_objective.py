@@ -620,3 +620,15 @@ def test_okd_chunked_bank_scoring_equals_one_shot_scoring(monkeypatch):
     got, got_grad = loss_and_grad(lambda x: contrastive._BankScores.apply(x, banks, rows, 0.1))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=0)
     torch.testing.assert_close(got_grad, ref_grad, rtol=1e-4, atol=1e-3 * ref_grad.abs().max().item() * 1e-3)
+
+
+def test_mcl_runs_in_fp32_under_bf16_autocast():
+    """Distillation math stays fp32 under autocast (METHODS §0.5): same value as without autocast."""
+    term = TERMS["mcl"](MCLTerm(name="mcl"), ctx_for(2, embedding_dim=6), "objective.terms.1")
+    V = unit(2, 8, 6, seed=9)
+    ref = term(output(embeddings=V), {"target": LABELS8})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = term(output(embeddings=V), {"target": LABELS8})
+    for k in ("loss", "soft_vcl", "soft_icl", "vcl", "icl"):
+        assert got[k].dtype == torch.float32, k
+        torch.testing.assert_close(got[k], ref[k])

@@ -23,7 +23,9 @@ TIMM = dict(in_chans=3, image_size=(32, 32))
 
 
 def make_group(archs, *overrides, in_chans=1, image_size=(8, 8), num_classes=C, seed=0):
-    cfg = load_config(None, [f"peers.{i}.arch={a}" for i, a in enumerate(archs)] + list(overrides))
+    heads = any(o.startswith("embedding.head=") and o != "embedding.head=none" for o in overrides)
+    terms = ["objective.terms=[{name: ce}, {name: mcl}]"] if heads else []  # heads need a term that uses them
+    cfg = load_config(None, [f"peers.{i}.arch={a}" for i, a in enumerate(archs)] + list(overrides) + terms)
     torch.manual_seed(seed)
     return PeerGroup(cfg, num_classes, in_chans, image_size)
 
@@ -161,13 +163,13 @@ def check_stem_gradient_is_sum_of_branches(group, split, x, y):
     for p in range(P):
         assert per_branch[p][0].abs().sum() > 0  # every branch reaches the stem's first conv
     for i, g in enumerate(total):
-        assert_close(g, sum(pb[i] for pb in per_branch), rtol=1e-5, atol=1e-6)
+        assert_close(g, sum(pb[i] for pb in per_branch), rtol=1e-4, atol=1e-5)
     # the same sum when each branch runs as its own complete network (one stem, P backward passes)
     group.zero_grad()
     for p in range(P):
         F.cross_entropy(group.peer_model(p)(x), y).backward()
     for g, t in zip(total, shared):
-        assert_close(g, t.grad, rtol=1e-5, atol=1e-6)
+        assert_close(g, t.grad, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("split", [0, 1])
@@ -370,13 +372,17 @@ def test_no_heads():
 # ------------------------------------------------------------------------------------------ dry run
 @pytest.mark.parametrize("topology", ["independent", "shared_stem"])
 def test_build_leaves_bn_statistics_weights_and_rng_untouched(topology):
+    """Peer p's weights come from its own stream seeded by (seed, p); the global stream is left as it was."""
     archs = ["cifar_resnet8", "cifar_resnet8"]
-    group = make_group(archs, f"topology.kind={topology}")
-    after_build = torch.random.get_rng_state()
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    group = make_group(archs, f"topology.kind={topology}", seed=123)
+    assert torch.equal(before, torch.random.get_rng_state())  # the build draws nothing from the global stream
     assert group.training and all(m.training for m in group.modules())
-    torch.manual_seed(0)
-    fresh = [timm.create_model(a, num_classes=C, in_chans=1) for a in archs]
-    assert torch.equal(after_build, torch.random.get_rng_state())  # the build draws nothing else
+    fresh = []
+    for p, a in enumerate(archs):
+        torch.manual_seed(0 * 100_003 + p)  # config seed 0, peer index p
+        fresh.append(timm.create_model(a, num_classes=C, in_chans=1))
     for p in range(2):
         for name, ref in fresh[p].state_dict().items():
             if topology == "independent" or p == 0 or not name.startswith(("stem.", "stages.0.")):  # split 1

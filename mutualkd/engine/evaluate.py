@@ -13,21 +13,20 @@ from mutualkd.data import BatchAugment, eval_indices, make_eval_loader
 
 
 @torch.inference_mode()
-def evaluate(group, dataset, augment: BatchAugment, accelerator, batch_size: int, num_workers: int = 0) -> dict:
+def evaluate(group, dataset, augment: BatchAugment, accelerator, batch_size: int, num_peers: int,
+             num_workers: int = 0) -> dict:
     """Accuracy in % on `dataset`; every sample counted once (ranks take disjoint shards)."""
     was_training = group.training
     group.eval()
     device = accelerator.device
     idx = eval_indices(len(dataset), *placement.data_world())
-    counts = None
+    counts = torch.zeros(3, num_peers + 1, device=device)  # rows: top1, top5, n; column P: the ensemble
     for batch in make_eval_loader(dataset, batch_size, idx, num_workers):
         x = augment(batch["image"].to(device), None, train=False)
         y = batch["target"].to(device)
         with accelerator.autocast():
             logits = placement.exchange(group(x)).logits.float()  # [P, B, C]
         logits = torch.cat([logits, logits.mean(0, keepdim=True)])  # the ensemble as row P
-        if counts is None:
-            counts = torch.zeros(3, logits.shape[0], device=device)  # rows: top1, top5, n
         k = min(5, logits.shape[-1])
         top = logits.topk(k, dim=-1).indices  # [P+1, B, k]
         hit = top == y[None, :, None]

@@ -66,11 +66,13 @@ class MetricsLog:
                 warnings.warn(f"tracking: logging failed, continuing without the tracker: {err}")
 
     def close(self) -> None:
+        """Finish the trackers (not `accelerator.end_training()`, which also tears down the process group)."""
         if self.trackers_on:
-            try:
-                self.accelerator.end_training()
-            except Exception as err:
-                warnings.warn(f"tracking: closing the tracker failed: {err}")
+            for tracker in self.accelerator.trackers:
+                try:
+                    tracker.finish()
+                except Exception as err:
+                    warnings.warn(f"tracking: closing {tracker.name} failed: {err}")
 
 
 def _flatten(record: dict, prefix: str = "") -> dict:

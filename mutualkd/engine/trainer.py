@@ -101,9 +101,6 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
     seed_everything(cfg.seed, cfg.train.deterministic)
     b = build(cfg, accelerator)
     device, main = accelerator.device, accelerator.is_main_process
-    if main and not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(C.dump(cfg))
     P, peer_parallel = len(cfg.peers), cfg.placement == "peer_parallel"
     data_rank, data_size = placement.data_world()
 
@@ -126,6 +123,9 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
     aug_rng = torch.Generator(device=device)
     aug_rng.manual_seed(cfg.seed * 1_000_003 + data_rank)
 
+    if main and not resume:  # every user error has surfaced by now: the run directory starts here
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(C.dump(cfg))
     ckpt_dir = run_dir / "checkpoints"
     log = MetricsLog(run_dir, accelerator, cfg, active=main)
     progress = restore(ckpt_dir / "last.pt", b, optimizer, scheduler, aug_rng, accelerator, peer_parallel) \
@@ -142,6 +142,17 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
     def save(name: str, batch_in_epoch: int) -> None:  # collective: every rank calls it
         save_checkpoint(ckpt_dir / f"{name}.pt", cfg, b, optimizer, scheduler, aug_rng, accelerator,
                         Progress(epoch, batch_in_epoch, step, history, wall()))
+
+    def mean_checked(sums: dict, n: int) -> dict:
+        """Losses averaged over the interval and the ranks (one host sync); a NaN/inf on any rank stops all."""
+        if not n:
+            return {}
+        local = torch.stack([torch.as_tensor(v, device=device) for v in sums.values()]) / n
+        means = dict(zip(sums, accelerator.reduce(local, reduction="mean").tolist()))
+        if not math.isfinite(means["loss"]):
+            raise FloatingPointError(f"training diverged: loss is {means['loss']} at step {step} "
+                                     f"(last complete checkpoint: {ckpt_dir / 'last.pt'})")
+        return means
 
     def sel_metric(h: dict) -> float:  # the `best` checkpoint: mean validation top-1 of the peers
         return sum(h["val"]["top1"]) / P
@@ -166,7 +177,8 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
             with contextlib.nullcontext() if sync else accelerator.no_sync(group), accelerator.autocast():
                 out = placement.exchange(group(inputs))
                 losses = b.objective(out, batch, epoch + i / len(sampler))
-            accelerator.backward(losses["loss"] * placement.loss_scale() / accum)
+            in_group = min(accum, len(sampler) - i // accum * accum)  # the epoch's last group may be short
+            accelerator.backward(losses["loss"] * placement.loss_scale() / in_group)
             b.objective.after_backward()
             for k, v in losses["logs"].items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -174,24 +186,25 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
             if not sync:
                 continue
             if cfg.train.clip_grad_norm:
-                clip = placement.clip_grad_norm_ if peer_parallel else accelerator.clip_grad_norm_
-                clip(b.group.parameters(), cfg.train.clip_grad_norm)
+                if peer_parallel:
+                    accelerator.unscale_gradients()  # fp16: clip the true gradients
+                    placement.clip_grad_norm_(b.group.parameters(), cfg.train.clip_grad_norm)
+                else:
+                    accelerator.clip_grad_norm_(group.parameters(), cfg.train.clip_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
             if step % cfg.train.log_every == 0:  # the only host sync of the step, once per interval
-                local = torch.stack([torch.as_tensor(v, device=device) for v in sums.values()]) / n_logged
-                means = dict(zip(sums, accelerator.reduce(local, reduction="mean").tolist()))
-                if not math.isfinite(means["loss"]):  # the mean over ranks: every rank stops together
-                    raise FloatingPointError(f"training diverged: loss is {means['loss']} at step {step} "
-                                             f"(last complete checkpoint: {ckpt_dir / 'last.pt'})")
+                means = mean_checked(sums, n_logged)
                 log.write({"epoch": epoch + (i + 1) / len(sampler), "lr": scheduler.get_last_lr()[0],
                            "train": means}, step)
                 bar.set_postfix(loss=f"{means['loss']:.3f}")
                 sums, n_logged = {}, 0
             if cfg.train.max_steps and step >= cfg.train.max_steps:
+                mean_checked(sums, n_logged)
+                placement.average_buffers(b.group)
                 save("last", i + 1)
                 bar.close()
                 log.close()
@@ -200,10 +213,12 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
                 return None
         skip = 0
         epoch += 1
+        mean_checked(sums, n_logged)  # never checkpoint weights from a diverged step
+        placement.average_buffers(b.group)
         record = {"epoch": epoch, "test": evaluate(b.group, b.splits.test, b.augment, accelerator,
-                                                   cfg.data.eval_batch_size, cfg.data.num_workers)}
+                                                   cfg.data.eval_batch_size, P, cfg.data.num_workers)}
         if b.splits.val is not None:
-            record["val"] = evaluate(b.group, b.splits.val, b.augment, accelerator, cfg.data.eval_batch_size,
+            record["val"] = evaluate(b.group, b.splits.val, b.augment, accelerator, cfg.data.eval_batch_size, P,
                                      cfg.data.num_workers)
         best_before = max((sel_metric(h) for h in history if h.get("val")), default=-1.0)
         history.append(record)
@@ -216,8 +231,8 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
             bar.write(f"epoch {epoch}: test top-1 " + " ".join(f"{n}={a:.2f}" for n, a in
                       zip(cfg.peer_names, record["test"]["top1"])) + f" ensemble={ens:.2f}")
     bar.close()
-    log.close()
     counts = dict(gather_object(list(zip(b.group.index, b.group.param_counts()))))
+    log.close()
     summary = summarize(cfg, [counts[p] for p in range(P)], history, wall(), accelerator.num_processes)
     if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -259,7 +274,8 @@ def save_checkpoint(path: Path, cfg, b: Built, optimizer, scheduler, aug_rng, ac
                "optimizer": None if peer_parallel else optimizer.optimizer.state_dict(),
                "scheduler": scheduler.state_dict(), "epoch": progress.epoch, "batch": progress.batch,
                "step": progress.step, "history": json.dumps(progress.history),
-               "data_spec": dataclasses.asdict(b.splits.spec), "wall_time_s": progress.wall_time_s}
+               "data_spec": dataclasses.asdict(b.splits.spec), "wall_time_s": progress.wall_time_s,
+               "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
     checkpoint.save(payload, path)
 
 
@@ -270,11 +286,18 @@ def restore(path: Path, b: Built, optimizer, scheduler, aug_rng, accelerator, pe
         raise UserError(f"--resume: the checkpoint was written by {len(state['ranks'])} processes; "
                         f"resume with the same number (this launch has {accelerator.num_processes})")
     local = state["ranks"][accelerator.process_index]
-    b.group.load_global_state_dict(state["model"])
-    b.objective.load_state_dict(state["objective"])
-    b.objective.load_state_dict(local["objective"], strict=False)  # this rank's samplers
-    optimizer.optimizer.load_state_dict(local["optimizer"] if peer_parallel else state["optimizer"])
+    try:
+        b.group.load_global_state_dict(state["model"])
+        b.objective.load_state_dict(state["objective"])
+        b.objective.load_state_dict(local["objective"], strict=False)  # this rank's samplers
+        optimizer.optimizer.load_state_dict(local["optimizer"] if peer_parallel else state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise UserError(f"--resume: {path} does not fit this config (peers, embedding or objective changed?): "
+                        f"{first[:200]}") from None
     scheduler.load_state_dict(state["scheduler"])
+    if accelerator.scaler is not None and state.get("grad_scaler"):
+        accelerator.scaler.load_state_dict(state["grad_scaler"])
     checkpoint.set_rng_state(local["rng"])
     aug_rng.set_state(local["aug_rng"])
     return Progress(state["epoch"], state["batch"], state["step"], json.loads(state["history"]), state["wall_time_s"])

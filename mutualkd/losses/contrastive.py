@@ -46,8 +46,11 @@ class MCL(_Contrastive):
     """
 
     def forward(self, out, batch):
+        with torch.autocast(out.embeddings.device.type, enabled=False):  # distillation math in fp32
+            return self._loss(out.embeddings.float(), batch["target"])
+
+    def _loss(self, v: torch.Tensor, y: torch.Tensor) -> dict:
         cfg = self.cfg
-        v, y = out.embeddings.float(), batch["target"]
         if cfg.global_batch:
             v, y = gather_batch(v, dim=1), gather_batch(y)
         n = v.shape[1]
