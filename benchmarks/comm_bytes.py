@@ -27,7 +27,6 @@ import tempfile
 from pathlib import Path
 
 import timm
-import torch
 
 import mutualkd.models  # noqa: F401
 

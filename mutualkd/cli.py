@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -49,7 +48,6 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     from mutualkd.engine.evaluate import evaluate
-    from mutualkd.engine.report import table
     from mutualkd.engine.trainer import build, make_accelerator
     from mutualkd.runs import group_from_state, without_hub_weights
 

@@ -2,7 +2,6 @@
 
 import gzip
 import os
-import pickle
 
 import numpy as np
 import pytest
