@@ -344,8 +344,11 @@ def _load_synthetic(cfg: dict[str, Any] | None) -> tuple[ImageTensors, ImageTens
 
     def draw(n: int) -> ImageTensors:
         targets = (torch.arange(n) % k)[torch.randperm(n, generator=g)]
-        x = proto[targets] + 40 * torch.randn(n, c, s, s, generator=g)
-        return ImageTensors(x.round().clamp(0, 255).to(torch.uint8), targets)
+        images = torch.empty(n, c, s, s, dtype=torch.uint8)
+        for lo in range(0, n, 4096):  # in chunks: float copies of a 50k-image set would peak at gigabytes
+            t = targets[lo:lo + 4096]
+            images[lo:lo + 4096] = (proto[t] + 40 * torch.randn(len(t), c, s, s, generator=g)).round().clamp(0, 255)
+        return ImageTensors(images, targets)
 
     train, test = draw(cfg["train_size"]), draw(cfg["test_size"])
     spec = DataSpec("synthetic", k, c, (s, s), (0.5,) * c, (0.25,) * c, crop_padding=2, flip=False)
