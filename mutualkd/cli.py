@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from mutualkd.errors import UserError
+from mutualkd.errors import UserError, first_line
 
 
 def _train(args) -> int:
@@ -127,9 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if not (dist.is_available() and dist.is_initialized()):
             raise
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         print(f"mutualkd: error: rank {dist.get_rank()}: stopping, a collective with the other processes failed "
-              f"({first[:300]}); the last complete checkpoint stays in the run directory", file=sys.stderr)
+              f"({first_line(err)}); the last complete checkpoint stays in the run directory", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("mutualkd: interrupted", file=sys.stderr)

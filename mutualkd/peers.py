@@ -21,7 +21,7 @@ from torch import nn
 
 import mutualkd.models  # noqa: F401  (registers the CIFAR zoo in timm's registry)
 from mutualkd.config import Config, EmbeddingConfig
-from mutualkd.errors import UserError
+from mutualkd.errors import UserError, first_line
 
 
 @dataclass
@@ -143,9 +143,8 @@ def create_peer(arch: str, num_classes: int, in_chans: int, pretrained: bool = F
     except Exception as err:  # hub or file errors behind pretrained=True
         if not pretrained:
             raise
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise UserError(f"peers: pretrained weights for {arch!r} could not be loaded ({first[:200]}); they need hub "
-                        "access or a local cache (HF_HUB_OFFLINE is set in tests)") from None
+        raise UserError(f"peers: pretrained weights for {arch!r} could not be loaded ({first_line(err, 200)}); "
+                        "they need hub access or a local cache (HF_HUB_OFFLINE is set in tests)") from None
 
 
 def check_arch(arch: str, key: str) -> None:

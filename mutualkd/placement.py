@@ -87,23 +87,18 @@ def gather_batch(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return _GatherKeepLocal.apply(x, dim)
 
 
-def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    """Mean of a per-shard statistic over the data ranks (no gradient), e.g. the NCE normaliser."""
-    size = data_world()[1]
-    if size == 1:
+def sum_over_data_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a per-shard tensor over the data ranks (no gradient), e.g. evaluation counts."""
+    if data_world()[1] == 1:
         return x
     x = x.detach().clone()
     dist.all_reduce(x)
-    return x / size
-
-
-def sum_over_data_ranks(x: torch.Tensor) -> torch.Tensor:
-    """Sum of per-shard counts over the data ranks (evaluation)."""
-    if data_world()[1] == 1:
-        return x
-    x = x.clone()
-    dist.all_reduce(x)
     return x
+
+
+def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Mean of a per-shard statistic over the data ranks (no gradient), e.g. the NCE normaliser."""
+    return sum_over_data_ranks(x) / data_world()[1]
 
 
 def average_buffers(module: torch.nn.Module) -> None:

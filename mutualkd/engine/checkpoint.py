@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mutualkd.errors import UserError
+from mutualkd.errors import UserError, first_line
 
 FORMAT = "mutualkd-checkpoint"
 VERSION = 1
@@ -55,11 +55,10 @@ def load(path: Path) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: refused to load: it holds objects other than tensors and plain data ({first})") from None
+        raise UserError(f"{path}: refused to load: it holds objects other than tensors and plain data "
+                        f"({first_line(err)})") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: corrupt or not a checkpoint ({first})") from None
+        raise UserError(f"{path}: corrupt or not a checkpoint ({first_line(err)})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UserError(f"{path}: not a mutualkd checkpoint (no '{FORMAT}' header)")
     if data.get("version") != VERSION:

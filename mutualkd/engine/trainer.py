@@ -30,7 +30,7 @@ from mutualkd.engine.evaluate import evaluate
 from mutualkd.engine.optim import build_optimizer, build_scheduler
 from mutualkd.engine.report import select, table
 from mutualkd.engine.tracking import MetricsLog, tracker_kwargs
-from mutualkd.errors import UserError
+from mutualkd.errors import UserError, first_line
 from mutualkd.losses.objective import BuildContext, Objective
 from mutualkd.peers import PeerGroup
 
@@ -145,6 +145,11 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
         save_checkpoint(ckpt_dir / f"{name}.pt", cfg, b, optimizer, scheduler, aug_rng, accelerator,
                         Progress(epoch, batch_in_epoch, step, history, wall()))
 
+    def settle() -> None:
+        """Before an evaluation or a checkpoint: no diverged weights, and one set of BatchNorm statistics."""
+        mean_checked(sums, n_logged)
+        placement.average_buffers(b.group)
+
     def mean_checked(sums: dict, n: int) -> dict:
         """Losses averaged over the interval and the ranks (one host sync); a NaN/inf on any rank stops all."""
         if not n:
@@ -205,8 +210,7 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
                 bar.set_postfix(loss=f"{means['loss']:.3f}")
                 sums, n_logged = {}, 0
             if cfg.train.max_steps and step >= cfg.train.max_steps:
-                mean_checked(sums, n_logged)
-                placement.average_buffers(b.group)
+                settle()
                 save("last", i + 1)
                 bar.close()
                 log.close()
@@ -215,8 +219,7 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
                 return None
         skip = 0
         epoch += 1
-        mean_checked(sums, n_logged)  # never checkpoint weights from a diverged step
-        placement.average_buffers(b.group)
+        settle()
         record = {"epoch": epoch, "test": evaluate(b.group, b.splits.test, b.augment, accelerator,
                                                    cfg.data.eval_batch_size, P, cfg.data.num_workers)}
         if b.splits.val is not None:
@@ -294,9 +297,8 @@ def restore(path: Path, b: Built, optimizer, scheduler, aug_rng, accelerator, pe
         b.objective.load_state_dict(local["objective"], strict=False)  # this rank's samplers
         optimizer.optimizer.load_state_dict(local["optimizer"] if peer_parallel else state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise UserError(f"--resume: {path} does not fit this config (peers, embedding or objective changed?): "
-                        f"{first[:200]}") from None
+                        f"{first_line(err, 200)}") from None
     scheduler.load_state_dict(state["scheduler"])
     if accelerator.scaler is not None and state.get("grad_scaler"):
         accelerator.scaler.load_state_dict(state["grad_scaler"])
