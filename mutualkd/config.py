@@ -63,6 +63,47 @@ class PeerConfig(Strict):
     model_kwargs: dict[str, int | float | bool | str] = {}  # passed to timm.create_model
 
 
+class TeacherConfig(Strict):
+    """A frozen offline teacher: a mutualkd run directory (a one-peer run is a teacher run), a safetensors file
+    (a `mutualkd export`, or any timm weights with `arch`), or a timm model name (`pretrained: true` for hub
+    weights). Exactly one of `run`, `file`, `arch` names the source (`file` may come with `arch`)."""
+
+    name: str | None = None  # default "teacher{i}"
+    run: str | None = None
+    checkpoint: Literal["best", "last"] | None = None  # run: None = best.pt if the run has one, else last.pt
+    peer: int | str = 0  # run: which of the run's peers (index or name)
+    file: str | None = None
+    arch: str | None = None
+    pretrained: bool = False  # arch: timm hub weights (needs network unless cached)
+    num_classes: int | None = Field(None, ge=1)  # arch: None = the dataset's classes (pretrained: the model's own)
+    model_kwargs: dict[str, int | float | bool | str] = {}
+    # The input the teacher expects; None takes it from the source (run's dataset, export metadata, timm's
+    # pretrained_cfg). Students' inputs are re-normalised, channel-matched and resized for it.
+    mean: list[float] | None = None
+    std: list[Annotated[float, Field(gt=0.0)]] | None = None
+    image_size: int | None = Field(None, ge=8)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TeacherConfig":
+        given = [k for k in ("run", "file", "arch") if getattr(self, k) is not None]
+        if given not in (["run"], ["file"], ["arch"], ["file", "arch"]):
+            raise ValueError("name the teacher's source with exactly one of run (a run directory), file (a "
+                             f"safetensors file, optionally with arch) or arch (a timm model name); got {given or 'none'}")
+        return self
+
+
+class TeacherPolicy(Strict):
+    """Which teachers teach which peer at each step (METHODS §3.4).
+
+    average: every teacher teaches every peer (KD averages logits or losses, see the kd term; feature terms
+    average their per-teacher losses); round_robin: one teacher per step, in turn (MT-MTDA); assigned: each peer
+    learns from the teacher named in `assign` (peer name -> teacher name).
+    """
+
+    mode: Literal["average", "round_robin", "assigned"] = "average"
+    assign: dict[str, str] = {}
+
+
 class TopologyConfig(Strict):
     kind: Literal["independent", "shared_stem"] = "independent"
     split: int = Field(1, ge=0)  # shared_stem: stages shared after the stem (CIFAR ResNet MCL-OKD: 1)
@@ -140,15 +181,234 @@ class MCLOKDTerm(TermBase):
     nce_global_norm: bool = True  # data-parallel: the normaliser's mean over all ranks
 
 
-Term = Annotated[Union[CETerm, DMLTerm, DOTTerm, MCLTerm, MCLOKDTerm], Field(discriminator="name")]
-TERM_NAMES = ("ce", "dml", "dot", "mcl", "mcl_okd")
+# ------------------------------------------------------------------- teacher -> peer terms (METHODS §2)
+class TeacherTermBase(TermBase):
+    """A loss from frozen offline teachers to every peer (summed over peers).
+
+    `teacher`: the one teacher this term uses; None: the teachers `teacher_policy` picks for each peer and step.
+    Taps are named as in the peer group (`stem`, `stage1..S`, `pre_logits`, `logits`, or `feature{i}`);
+    `teacher_tap` None means the same name as the student's.
+    """
+
+    teacher: str | None = None
+
+
+class KDTerm(TeacherTermBase):
+    """Hinton KD (METHODS §2.1): T²·batchmean KL(softmax(sg(t)/T) ‖ softmax(z/T)); RepDistiller: CE 0.1 + KD 0.9."""
+
+    name: Literal["kd"]
+    weight: float = Field(0.9, ge=0.0)
+    T: float = Field(4.0, gt=0.0)
+    direction: Literal["forward", "reverse"] = "forward"  # reverse: KL(p_S ‖ p_T) (METHODS §3)
+    average: Literal["logits", "loss"] = "logits"  # several teachers: KD to the mean logits, or mean of KD terms
+
+
+class FitNetTerm(TeacherTermBase):
+    """FitNets hint (METHODS §2.2): β·mean((r(F_S) − sg(F_T))²) with a trainable regressor r, β = 100."""
+
+    name: Literal["fitnet"]
+    weight: float = Field(100.0, ge=0.0)
+    tap: str | None = None  # None: the middle stage, stage((S+1)//2) (RepDistiller hint_layer = 2)
+    teacher_tap: str | None = None
+    paper_form: bool = False  # [reconstructed] ½‖r(F_S) − F_T‖² summed per sample, batch mean
+
+
+class ATTerm(TeacherTermBase):
+    """Attention transfer (METHODS §2.3): β·Σ_l mean_{b,hw}(Q_S − Q_T)², β = 1000, every stage by default."""
+
+    name: Literal["at"]
+    weight: float = Field(1000.0, ge=0.0)
+    taps: list[str] | None = None  # None: stage1..S
+    p: float = Field(2.0, gt=0.0)
+    paper_norm: bool = False  # [reconstructed] (β/2)·‖Q_S − Q_T‖₂ per sample (not squared), batch mean
+
+
+class FSPTerm(TeacherTermBase):
+    """FSP (METHODS §2.4): λ·Σ_pairs mean(G_S − G_T)², λ = 50, G over consecutive taps (stem, stage1..S)."""
+
+    name: Literal["fsp"]
+    weight: float = Field(50.0, ge=0.0)
+    taps: list[str] | None = None  # None: stem, stage1, ..., stageS; G for each consecutive pair
+    adapter: Literal["none", "conv1x1"] = "none"  # Gap: none errors at build time when channels differ
+
+
+class NSTTerm(TeacherTermBase):
+    """Neuron selectivity transfer (METHODS §2.5): λ·mean_b MMD², λ = 50 (RepDistiller), last stage."""
+
+    name: Literal["nst"]
+    weight: float = Field(50.0, ge=0.0)
+    tap: str | None = None  # None: the last stage
+    teacher_tap: str | None = None
+    kernel: Literal["poly", "linear", "gaussian"] = "poly"
+    degree: int = Field(2, ge=1)
+    c: float = 0.0
+
+
+class RelationTerm(TeacherTermBase):
+    """The relation framework (METHODS §2.6): w·ℓ(N(A(Z_S)), sg(N(A(Z_T)))) on one tap, B×B."""
+
+    name: Literal["relation"]
+    tap: str = "pre_logits"
+    teacher_tap: str | None = None
+    affinity: Literal["dot", "cosine", "euclidean", "gaussian"] = "cosine"
+    normalisation: Literal["none", "row_l2", "mean", "row_l1", "row_softmax"] = "row_l1"
+    loss: Literal["mse", "l1", "smooth_l1", "kl"] = "kl"
+    tau: float = Field(1.0, gt=0.0)  # row_softmax temperature [reconstructed]
+    gamma: float = Field(1.0, gt=0.0)  # gaussian affinity
+
+
+class SPTerm(TeacherTermBase):
+    """Similarity preserving (METHODS §2.6): (dot, row_l2, mse) on the flattened last-stage map, weight 3000."""
+
+    name: Literal["sp"]
+    weight: float = Field(3000.0, ge=0.0)
+    tap: str | None = None  # None: the last stage
+    teacher_tap: str | None = None
+
+
+class RKDTerm(TeacherTermBase):
+    """RKD (METHODS §2.6): distance_weight·RKD-D + angle_weight·RKD-A on the pooled embedding (RepDistiller 25, 50)."""
+
+    name: Literal["rkd"]
+    tap: str = "pre_logits"
+    teacher_tap: str | None = None
+    distance_weight: float = Field(25.0, ge=0.0)
+    angle_weight: float = Field(50.0, ge=0.0)
+    normalize: bool = False  # lenscloth/RKD's classification script L2-normalises the embeddings
+
+
+class PKTTerm(TeacherTermBase):
+    """PKT (METHODS §2.6): (cosine, row_l1, kl) on the pooled embedding, weight 30000."""
+
+    name: Literal["pkt"]
+    weight: float = Field(30000.0, ge=0.0)
+    tap: str = "pre_logits"
+    teacher_tap: str | None = None
+
+
+class CCTerm(TeacherTermBase):
+    """Correlation congruence (METHODS §2.6), `form` repdistiller (weight 0.02) or rbf_taylor (weight 100)."""
+
+    name: Literal["cc"]
+    weight: float | None = Field(None, ge=0.0)  # None: 0.02 (repdistiller) or 100 (rbf_taylor)
+    form: Literal["repdistiller", "rbf_taylor"] = "repdistiller"
+    tap: str = "pre_logits"
+    teacher_tap: str | None = None
+    embed_dim: int = Field(128, ge=1)  # repdistiller: trainable Linear embeddings on both sides [reconstructed]
+    gamma: float = Field(0.4, gt=0.0)  # rbf_taylor
+    order: int = Field(2, ge=0)  # rbf_taylor
+
+    @model_validator(mode="after")
+    def _form_weight(self) -> "CCTerm":
+        if self.weight is None:
+            self.weight = 0.02 if self.form == "repdistiller" else 100.0
+        return self
+
+
+class AdaINTerm(TeacherTermBase):
+    """AdaIN statistics transfer (METHODS §2.7, reconstructed): weight = λ_ada on Σ_l L_AdaIN, plus
+    feat_weight = λ_feat on the connector's FitNet-style loss at the last tap."""
+
+    name: Literal["adain"]
+    weight: float = Field(100.0, ge=0.0)
+    feat_weight: float = Field(100.0, ge=0.0)
+    taps: list[str] | None = None  # None: the last two stages
+    head: Literal["next_stage", "logits"] = "next_stage"
+    T: float = Field(4.0, gt=0.0)  # head=logits: KD temperature
+    statistics_only: bool = False  # ablation baseline: mean ‖μ_S − μ_T‖² + ‖σ_S − σ_T‖² through the connector
+
+
+class AMATerm(TeacherTermBase):
+    """Activation-map adaptation (METHODS §2.8, reconstructed): a trainable M_φ replaces the teacher's stage k+1;
+    the student matches A = M_φ(T_front(x)) through a regressor (weight λ = 100); M_φ learns CE(T_back(A), y)."""
+
+    name: Literal["ama"]
+    weight: float = Field(100.0, ge=0.0)
+    stage: int | None = Field(None, ge=1)  # k: None = the middle stage; M_φ replaces teacher stage k+1
+    width: Literal["student", "teacher"] = "student"  # M_φ's hidden width: the student's stage-(k+1) channels
+    kernel_size: Literal[1, 3] = 3
+    module_ce_weight: float = Field(1.0, ge=0.0)  # M_φ's CE through the frozen teacher remainder
+    module_kd_weight: float = Field(0.0, ge=0.0)  # optional KD from the original teacher logits into T_back(A)
+    T: float = Field(4.0, gt=0.0)
+
+
+class DiscriminatorConfig(Strict):
+    """Discriminators always have their own optimizer (METHODS §1.10 Gap: Adam 2e-4, β (0.5, 0.999), wd 0)."""
+
+    lr: float = Field(2e-4, gt=0.0)
+    betas: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field([0.5, 0.999], min_length=2, max_length=2)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
+class ComplementaryTerm(TeacherTermBase):
+    """Complementary features (METHODS §2.9, reconstructed): alignment block A on the last stage;
+    feature_weight·mean(A(E_S) − sg(E_T))² + adversarial_weight·BCE(D(A(E_S)), real), D alternating on its own."""
+
+    name: Literal["complementary"]
+    weight: float = Field(1.0, ge=0.0)
+    feature_weight: float = Field(100.0, ge=0.0)  # λ_f
+    adversarial_weight: float = Field(0.1, ge=0.0)  # λ_adv
+    tap: str | None = None  # None: the last stage
+    teacher_tap: str | None = None
+    routing: Literal["single_teacher", "mktn"] = "single_teacher"
+    feature_teacher: str | None = None  # mktn: the discriminative teacher (feature loss)
+    adversarial_teacher: str | None = None  # mktn: the generative (reconstruction) teacher (adversarial loss)
+    discriminator: DiscriminatorConfig = DiscriminatorConfig()
+
+
+class ReconstructionTerm(TermBase):
+    """Teacher-side reconstruction auxiliary (METHODS §2.9): λ_rec·mean(R(E(x)) − x)² with a light upsampling
+    decoder R on a peer's tap; train a teacher with CE + this term (Gap: λ_rec = 1)."""
+
+    name: Literal["reconstruction"]
+    tap: str | None = None  # None: the last stage
+
+
+class LWKDTerm(TeacherTermBase):
+    """LW-KD (METHODS §2.10, reconstructed): targets t = softmax(T_lw(x̃_y)/τ) from a lightweight teacher trained
+    on a synthetic dataset with the same classes; weight = α on τ²·KL(t ‖ p_S) + adversarial_weight·BCE(D(p_S), real)."""
+
+    name: Literal["lwkd"]
+    weight: float = Field(0.9, ge=0.0)  # α; give the ce term (1 − α) = 0.1
+    T: float = Field(4.0, gt=0.0)  # τ
+    adversarial_weight: float = Field(0.1, ge=0.0)
+    hidden: int = Field(256, ge=1)  # discriminator MLP width
+    discriminator: DiscriminatorConfig = DiscriminatorConfig()
+
+
+Term = Annotated[
+    Union[CETerm, DMLTerm, DOTTerm, MCLTerm, MCLOKDTerm, KDTerm, FitNetTerm, ATTerm, FSPTerm, NSTTerm, RelationTerm,
+          SPTerm, RKDTerm, PKTTerm, CCTerm, AdaINTerm, AMATerm, ComplementaryTerm, ReconstructionTerm, LWKDTerm],
+    Field(discriminator="name"),
+]
+TERM_NAMES = ("ce", "dml", "dot", "mcl", "mcl_okd", "kd", "fitnet", "at", "fsp", "nst", "relation", "sp", "rkd", "pkt",
+              "cc", "adain", "ama", "complementary", "reconstruction", "lwkd")
 EMBEDDING_TERMS = ("mcl", "mcl_okd")
+TEACHER_TERMS = ("kd", "fitnet", "at", "fsp", "nst", "relation", "sp", "rkd", "pkt", "cc", "adain", "ama",
+                 "complementary", "lwkd")
+LOGIT_TEACHER_TERMS = ("kd", "lwkd")  # need only logits: they also work under placement=peer_parallel
+
+
+class StageConfig(Strict):
+    """One stage of multi-stage training: how many epochs, and which terms are active (by label)."""
+
+    epochs: int = Field(ge=1)
+    terms: list[str] = Field(min_length=1)  # term labels: the name, or name<i> when a name occurs twice
 
 
 class ObjectiveConfig(Strict):
     terms: list[Term] = Field(
         default_factory=lambda: [CETerm(name="ce"), DMLTerm(name="dml")], min_length=1
     )
+    # Multi-stage training (FitNets' hint stage, FSP's initialisation): empty = one stage with every term. The
+    # stages' epochs must add up to train.epochs; the lr schedule runs over train.epochs as a whole.
+    stages: list[StageConfig] = []
+
+    @property
+    def labels(self) -> list[str]:
+        """Each term's label in logs and stage lists: its name, or name<i> when the name occurs more than once."""
+        names = [t.name for t in self.terms]
+        return [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
 
 
 # ------------------------------------------------------------------------------------- training
@@ -209,6 +469,8 @@ class Config(Strict):
     )
     topology: TopologyConfig = TopologyConfig()
     embedding: EmbeddingConfig = EmbeddingConfig()
+    teachers: list[TeacherConfig] = []
+    teacher_policy: TeacherPolicy = TeacherPolicy()
     objective: ObjectiveConfig = ObjectiveConfig()
     train: TrainConfig = TrainConfig()
     placement: Literal["data_parallel", "peer_parallel"] = "data_parallel"
@@ -225,6 +487,61 @@ class Config(Strict):
                 raise ValueError(f"peers.{i}.name: duplicate peer name {p.name!r}")
             seen.add(p.name)
         return peers
+
+    @field_validator("teachers")
+    @classmethod
+    def _teacher_names(cls, teachers: list[TeacherConfig]) -> list[TeacherConfig]:
+        seen = set()
+        for i, t in enumerate(teachers):
+            if t.name is None:
+                t.name = f"teacher{i}"
+            if t.name in seen:
+                raise ValueError(f"teachers.{i}.name: duplicate teacher name {t.name!r}")
+            seen.add(t.name)
+        return teachers
+
+    @model_validator(mode="after")
+    def _teachers_fit(self) -> "Config":
+        names = [t.name for t in self.teachers]
+        known = f"teachers: {', '.join(map(repr, names))}" if names else "the config has no teachers"
+        for i, term in enumerate(self.objective.terms):
+            key = f"objective.terms.{i}"
+            if term.name not in TEACHER_TERMS:
+                continue
+            if not names:
+                raise ValueError(f"{key} ({term.name}): a teacher term needs teachers; add a `teachers:` list")
+            for field in ("teacher", "feature_teacher", "adversarial_teacher"):
+                value = getattr(term, field, None)
+                if value is not None and value not in names:
+                    raise ValueError(f"{key}.{field}: unknown teacher {value!r}; {known}")
+            if self.placement == "peer_parallel" and term.name not in LOGIT_TEACHER_TERMS:
+                raise ValueError(f"{key} ({term.name}): feature terms need every peer's taps in one process; "
+                                 "use placement=data_parallel (kd and lwkd work under peer_parallel)")
+        policy = self.teacher_policy
+        if policy.mode == "assigned":
+            for peer in self.peer_names:
+                if peer not in policy.assign:
+                    raise ValueError(f"teacher_policy.assign: peer {peer!r} has no teacher (mode assigned needs one "
+                                     f"per peer: {', '.join(self.peer_names)})")
+        for peer, teacher in policy.assign.items():
+            if peer not in self.peer_names:
+                raise ValueError(f"teacher_policy.assign: unknown peer {peer!r}; peers: {', '.join(self.peer_names)}")
+            if teacher not in names:
+                raise ValueError(f"teacher_policy.assign.{peer}: unknown teacher {teacher!r}; {known}")
+        if self.teachers and self.data.views == "per_peer":
+            raise ValueError("data.views: per_peer views are not supported with teachers (a teacher sees one view "
+                             "per batch); use data.views=shared")
+        stages, labels = self.objective.stages, self.objective.labels
+        if stages:
+            total = sum(s.epochs for s in stages)
+            if total != self.train.epochs:
+                raise ValueError(f"objective.stages: the stages' epochs add up to {total}, train.epochs is "
+                                 f"{self.train.epochs}; they must be equal")
+            for i, stage in enumerate(stages):
+                for label in stage.terms:
+                    if label not in labels:
+                        raise ValueError(f"objective.stages.{i}.terms: unknown term {label!r}; terms: {', '.join(labels)}")
+        return self
 
     @model_validator(mode="after")
     def _heads_are_used(self) -> "Config":
@@ -365,7 +682,8 @@ def _describe(error: dict) -> str:
     if kind == "missing":
         return f"{key}: required key is missing"
     if kind == "value_error":
-        return msg.removeprefix("Value error, ")
+        msg = msg.removeprefix("Value error, ")
+        return msg if not loc or msg.startswith(str(loc[0])) else f"{key}: {msg}"
     return f"{key}: {msg[0].lower() + msg[1:]} (got {given!r})"
 
 

@@ -135,9 +135,12 @@ def _seeded(seed: int, key: int, make):
         return make()
 
 
-def create_peer(arch: str, num_classes: int, in_chans: int, pretrained: bool = False, **kwargs) -> nn.Module:
+def create_peer(arch: str, num_classes: int | None, in_chans: int, pretrained: bool = False, **kwargs) -> nn.Module:
+    """`timm.create_model` with clean errors; `num_classes=None` keeps the model's (or the hub weights') head."""
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
     try:
-        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        return timm.create_model(arch, pretrained=pretrained, in_chans=in_chans, **kwargs)
     except TypeError as err:
         raise UserError(f"peers: cannot create {arch!r} with {kwargs}: {err}") from None
     except Exception as err:  # hub or file errors behind pretrained=True
@@ -169,8 +172,9 @@ class PeerGroup(nn.Module):
     """P student networks plus their optional projection heads, run by one `forward`."""
 
     def __init__(self, cfg: Config, num_classes: int, in_chans: int, image_size: tuple[int, int],
-                 local: list[int] | None = None):
-        """`local`: the global indices of the peers this process builds (peer-parallel placement); all by default."""
+                 local: list[int] | None = None, models: list[nn.Module] | None = None):
+        """`local`: the global indices of the peers this process builds (peer-parallel placement); all by default.
+        `models`: already built networks for the chosen peers (teachers), instead of creating them from `arch`."""
         super().__init__()
         for i, p in enumerate(cfg.peers):
             check_arch(p.arch, f"peers.{i}.arch")
@@ -181,10 +185,10 @@ class PeerGroup(nn.Module):
         self.names = [p.name for p in chosen]
         self.archs = [p.arch for p in chosen]
         self.stem_grad_scale = cfg.topology.stem_grad_scale
-        self.peers = nn.ModuleList(
+        self.peers = nn.ModuleList(models if models is not None else (
             _seeded(cfg.seed, i, lambda p=p: create_peer(p.arch, num_classes, in_chans, p.pretrained, **p.model_kwargs))
             for i, p in zip(self.index, chosen)
-        )
+        ))
         layouts = [stage_layout(m) for m in self.peers]
         probes = [
             probe_peer(m, forward_plan(lay) if lay else None, in_chans, image_size)

@@ -117,6 +117,18 @@ def average_buffers(module: torch.nn.Module) -> None:
             buf.div_(size)
 
 
+def average_grads(params) -> None:
+    """data_parallel: average the gradients of parameters DDP does not wrap (loss adapters, discriminators)
+    over the ranks, as DDP does for the peers'."""
+    size = data_world()[1]
+    if size == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(size)
+
+
 def exchange(out):
     """peer_parallel: the group output of all peers from each rank's local peers (logits and embeddings only;
     pre-logits and taps stay local). Differentiable when gradients are enabled.

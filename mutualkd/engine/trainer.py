@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import InitProcessGroupKwargs, gather_object
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object
 from tqdm.auto import tqdm
 
 from mutualkd import config as C
@@ -33,6 +33,7 @@ from mutualkd.engine.tracking import MetricsLog, tracker_kwargs
 from mutualkd.errors import UserError, first_line
 from mutualkd.losses.objective import BuildContext, Objective
 from mutualkd.peers import PeerGroup
+from mutualkd.teachers import TeacherSet
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Built:
     group: PeerGroup
     objective: Objective
     augment: BatchAugment
+    teachers: TeacherSet | None = None
 
 
 def make_accelerator(cfg: C.Config, run_dir: Path | None = None) -> Accelerator:
@@ -49,9 +51,11 @@ def make_accelerator(cfg: C.Config, run_dir: Path | None = None) -> Accelerator:
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     log_with, _ = tracker_kwargs(cfg, run_dir) if run_dir else ([], {})
-    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))]
+    if cfg.objective.stages:  # a stage may leave parts of the peers without gradient (FitNets' hint stage)
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     acc = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision, log_with=log_with or None,
-                      project_dir=str(run_dir) if run_dir else None, kwargs_handlers=[timeout])
+                      project_dir=str(run_dir) if run_dir else None, kwargs_handlers=handlers)
     if acc.device.type == "cpu":
         torch.set_flush_denormal(True)  # denormals slow CPU convolutions down up to 40x
     return acc
@@ -82,14 +86,15 @@ def build(cfg: C.Config, accelerator: Accelerator) -> Built:
     placement.configure(cfg.placement)
     group = PeerGroup(cfg, spec.num_classes, spec.in_chans, spec.image_size,
                       local=placement.local_peers(len(cfg.peers)))
+    teachers = TeacherSet(cfg, spec).to(accelerator.device) if cfg.teachers else None
     ctx = BuildContext(peer_names=cfg.peer_names, num_classes=spec.num_classes,
                        train_targets=torch.as_tensor(splits.train.targets),
                        embedding_dim=cfg.embedding.dim if cfg.embedding.head != "none" else None,
-                       seed=cfg.seed, rank=placement.data_world()[0])
+                       seed=cfg.seed, rank=placement.data_world()[0], tap_shapes=group.tap_shapes, teachers=teachers)
     objective = Objective(cfg.objective, ctx)
     augment = BatchAugment(spec, crop_padding=d.crop_padding if d.augment else 0,
                            flip=(d.flip if d.flip is not None else spec.flip) and d.augment)
-    return Built(splits, group.to(accelerator.device), objective.to(accelerator.device), augment)
+    return Built(splits, group.to(accelerator.device), objective.to(accelerator.device), augment, teachers)
 
 
 def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
@@ -114,7 +119,8 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
     if len(sampler) == 0:
         raise UserError(f"data.batch_size: {cfg.data.batch_size} x {data_size} processes exceeds "
                         f"the {len(b.splits.train)} training samples")
-    optimizer = build_optimizer(list(b.group.parameters()) + list(b.objective.parameters()), cfg.train)
+    extras = b.objective.main_parameters()  # loss adapters: trained with the peers, averaged over ranks by hand
+    optimizer = build_optimizer(list(b.group.parameters()) + extras, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch)
     if peer_parallel:  # disjoint peers per rank: nothing to all-reduce, so no DDP wrapper
         group, optimizer = b.group, accelerator.prepare(optimizer)
@@ -149,6 +155,7 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
         """Before an evaluation or a checkpoint: no diverged weights, and one set of BatchNorm statistics."""
         mean_checked(sums, n_logged)
         placement.average_buffers(b.group)
+        placement.average_buffers(b.objective)
 
     def mean_checked(sums: dict, n: int) -> dict:
         """Losses averaged over the interval and the ranks (one host sync); a NaN/inf on any rank stops all."""
@@ -181,9 +188,11 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
                 inputs = [views[p] for p in b.group.index]
             else:
                 inputs = b.augment(x, aug_rng, train=True)
+            progress_epoch = epoch + i / len(sampler)
             with contextlib.nullcontext() if sync else accelerator.no_sync(group), accelerator.autocast():
-                out = placement.exchange(group(inputs))
-                losses = b.objective(out, batch, epoch + i / len(sampler))
+                out = placement.exchange(group(inputs, taps=b.objective.student_taps))
+                teach = b.objective.teach(inputs, step, progress_epoch)
+                losses = b.objective(out, batch, progress_epoch, teach)
             in_group = min(accum, len(sampler) - i // accum * accum)  # the epoch's last group may be short
             accelerator.backward(losses["loss"] * placement.loss_scale() / in_group)
             b.objective.after_backward()
@@ -192,12 +201,13 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
             n_logged += 1
             if not sync:
                 continue
+            placement.average_grads(extras)
             if cfg.train.clip_grad_norm:
                 if peer_parallel:
                     accelerator.unscale_gradients()  # fp16: clip the true gradients
                     placement.clip_grad_norm_(b.group.parameters(), cfg.train.clip_grad_norm)
                 else:
-                    accelerator.clip_grad_norm_(group.parameters(), cfg.train.clip_grad_norm)
+                    accelerator.clip_grad_norm_(list(group.parameters()) + extras, cfg.train.clip_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

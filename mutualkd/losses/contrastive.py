@@ -45,7 +45,7 @@ class MCL(_Contrastive):
     row distributions softmax(S/T) (self-similarity masked) toward the partner's detached rows.
     """
 
-    def forward(self, out, batch):
+    def forward(self, out, batch, teach=None):
         with torch.autocast(out.embeddings.device.type, enabled=False):  # distillation math in fp32
             return self._loss(out.embeddings.float(), batch["target"])
 
@@ -170,7 +170,7 @@ class MCLOKD(_Contrastive):
         r = r + (r >= start) * self.counts[y].unsqueeze(1)  # skip the anchor's class block
         return self.by_class[r]
 
-    def forward(self, out, batch):
+    def forward(self, out, batch, teach=None):
         self.after_backward()  # a caller that never ran the hook still gets the previous step's update
         cfg = self.cfg
         v = out.embeddings.float()

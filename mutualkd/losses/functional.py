@@ -21,6 +21,7 @@ from torch import Tensor
 
 __all__ = [
     "kd_kl",
+    "kd_per_peer",
     "pairwise_kl",
     "dml_loss",
     "ensemble_kd",
@@ -101,10 +102,13 @@ def _positive(name: str, what: str, value) -> None:
         raise ValueError(f"{name}: {what} must be > 0, got {value!r}")
 
 
-def _kd(student: Tensor, target: Tensor, T: float) -> Tensor:
-    """``T²·batchmean KL(softmax(sg(target)/T) ‖ softmax(student/T))`` over the last two axes ``[B, C]``."""
+def _kd(student: Tensor, target: Tensor, T: float, direction: str = "forward") -> Tensor:
+    """``T²·batchmean KL(softmax(sg(target)/T) ‖ softmax(student/T))`` over the last two axes ``[B, C]``;
+    ``direction="reverse"``: ``KL(softmax(student/T) ‖ softmax(sg(target)/T))``."""
     log_p = F.log_softmax(student.float() / T, dim=-1)
     log_q = F.log_softmax(target.detach().float() / T, dim=-1)
+    if direction == "reverse":
+        log_p, log_q = log_q, log_p
     kl = (log_q.exp() * (log_q - log_p)).sum(dim=(-2, -1))
     return kl * (T * T / student.shape[-2])
 
@@ -158,14 +162,31 @@ def _sq_dists(z: Tensor) -> Tensor:
 
 
 @_fp32
-def kd_kl(student: Tensor, teacher: Tensor, T: float = 4.0) -> Tensor:
-    """Hinton KD: ``T²·batchmean KL(softmax(sg(teacher)/T) ‖ softmax(student/T))`` for ``[B, C]`` logits."""
+def kd_kl(student: Tensor, teacher: Tensor, T: float = 4.0, direction: str = "forward") -> Tensor:
+    """Hinton KD: ``T²·batchmean KL(softmax(sg(teacher)/T) ‖ softmax(student/T))`` for ``[B, C]`` logits;
+    ``direction="reverse"`` swaps the KL's arguments (the teacher side stays detached)."""
     name = "kd_kl"
     _rank(name, "student", student, (2,), "[B, C]")
     _rank(name, "teacher", teacher, (2,), "[B, C]")
     _same(name, "shapes", student, teacher, slice(None))
     _positive(name, "T", T)
-    return _kd(student, teacher, T)
+    _choice(name, "direction", direction, ("forward", "reverse"))
+    return _kd(student, teacher, T, direction)
+
+
+@_fp32
+def kd_per_peer(logits: Tensor, targets: Tensor, T: float = 4.0, direction: str = "forward") -> Tensor:
+    """``[P]``: ``kd_kl(logits[p], targets[p], T, direction)`` for stacked ``[P, B, C]`` logits and targets
+    (``targets`` may be ``[B, C]``, shared by every peer), in one pass."""
+    name = "kd_per_peer"
+    _rank(name, "logits", logits, (3,), "[P, B, C]")
+    _rank(name, "targets", targets, (2, 3), "[B, C] or [P, B, C]")
+    _same(name, "[B, C]", logits, targets, slice(-2, None), names=("logits", "targets"))
+    if targets.ndim == 3:
+        _same(name, "peer counts", logits, targets, 0, names=("logits", "targets"))
+    _positive(name, "T", T)
+    _choice(name, "direction", direction, ("forward", "reverse"))
+    return _kd(logits, targets.expand_as(logits), T, direction)
 
 
 @_fp32

@@ -14,7 +14,7 @@ from mutualkd.losses.objective import Term, register
 class CrossEntropy(Term):
     """CE of every peer (mean over the batch), summed over peers."""
 
-    def forward(self, out, batch):
+    def forward(self, out, batch, teach=None):
         z = out.logits.float()
         y = batch["target"]
         ce = F.cross_entropy(
@@ -35,7 +35,7 @@ class _NeedsPeers(Term):
 class DML(_NeedsPeers):
     """Each peer's KL toward every other peer (rows of the pairwise KL matrix), summed over peers."""
 
-    def forward(self, out, batch):
+    def forward(self, out, batch, teach=None):
         per_peer = MF.dml_loss(out.logits, T=self.cfg.T, reduction=self.cfg.reduction)
         return {"loss": per_peer.sum(), "per_peer": per_peer}
 
@@ -44,7 +44,7 @@ class DML(_NeedsPeers):
 class EnsembleKD(_NeedsPeers):
     """KD from the detached mean-logit ensemble (which includes the student) to the last or every peer."""
 
-    def forward(self, out, batch):
+    def forward(self, out, batch, teach=None):
         per_peer = MF.ensemble_kd(out.logits, T=self.cfg.T)
         if self.cfg.targets == "last":  # only the last peer is distilled; log zeros for the others
             per_peer = per_peer * (torch.arange(len(per_peer), device=per_peer.device) == len(per_peer) - 1)

@@ -1,0 +1,39 @@
+"""Hinton KD from offline teachers (METHODS.md §2.1), forward or reverse, with the multi-teacher policy."""
+
+from __future__ import annotations
+
+import torch
+
+from mutualkd.errors import UserError
+from mutualkd.losses import functional as MF
+from mutualkd.losses.objective import register
+from mutualkd.losses.teacher import TeacherTerm
+
+
+@register("kd")
+class KD(TeacherTerm):
+    """T²·batchmean KL toward the teachers' detached logits; several teachers: KD to their mean logits
+    (`average: logits`, METHODS §3.4 `mean_logits`) or the mean of per-teacher KD terms (`average: loss`)."""
+
+    def __init__(self, cfg, ctx, key):
+        super().__init__(cfg, ctx, key)
+        self.teacher_taps = {"logits"}
+        for t in sorted({t for _, t in self.pairs}):
+            if self.teacher(t).num_classes != ctx.num_classes:
+                raise UserError(f"{key} (kd): {self.teacher(t).name} has {self.teacher(t).num_classes} classes, the "
+                                f"peers {ctx.num_classes}: KD needs the same classes C on both sides (METHODS.md §2.11)")
+
+    def forward(self, out, batch, teach=None):
+        z, T, d = out.logits.float(), self.cfg.T, self.cfg.direction
+        sets = [tuple(self.active(teach, p)) for p in range(self.num_peers)]
+        if self.cfg.average == "loss":
+            per_peer = torch.stack([
+                torch.stack([MF.kd_kl(z[p], teach.logits[t], T, d) for t in ts]).mean() for p, ts in enumerate(sets)
+            ])
+        elif len(set(sets)) == 1:  # every peer has the same teachers (average, round robin): one shared target
+            target = torch.stack([teach.logits[t].float() for t in sets[0]]).mean(0)
+            per_peer = MF.kd_per_peer(z, target, T, d)
+        else:
+            targets = torch.stack([torch.stack([teach.logits[t].float() for t in ts]).mean(0) for ts in sets])
+            per_peer = MF.kd_per_peer(z, targets, T, d)
+        return {"loss": per_peer.sum(), "per_peer": per_peer}
