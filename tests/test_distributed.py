@@ -95,10 +95,26 @@ def test_memory_bank_replicas_stay_identical_across_ranks(tmp_path):
     run(["train.epochs=2", *QUIET, "data.batch_size=32", "embedding.head=linear",
          "objective.terms=[{name: ce}, {name: mcl_okd, K: 64}]", "--run-dir", str(tmp_path / "dp")], procs=2)
     state = checkpoint.load(tmp_path / "dp" / "checkpoints" / "last.pt")
-    sums = [r["buffer_sums"] for r in state["ranks"]]
+    sums = [r["state_sums"] for r in state["ranks"]]
     assert len(sums) == 2 and sums[0] == sums[1] and "terms.1.banks" in sums[0]
     norms = state["objective"]["terms.1.banks"].norm(dim=-1)
     assert ((norms - 1).abs() < 1e-5).float().mean() > 0.9  # updated rows are unit vectors
+
+
+def test_loss_adapters_stay_identical_across_data_parallel_ranks(tmp_path):
+    """FitNets regressors (conv + BatchNorm) live outside DDP: their gradients are averaged over ranks by hand and
+    their BatchNorm statistics before each checkpoint, so every rank holds the same adapter (checked at every
+    checkpoint: the run would stop with 'objective state differs across ranks'); the teacher runs on each rank."""
+    run(["peers=[{arch: cifar_resnet14}]", "objective.terms=[{name: ce}]", "train.epochs=1", *QUIET,
+         "--run-dir", str(tmp_path / "teacher")])
+    run(["train.epochs=2", *QUIET, "data.batch_size=32", f"teachers=[{{run: {tmp_path / 'teacher'}}}]",
+         "objective.terms=[{name: ce}, {name: kd}, {name: fitnet}]", "--run-dir", str(tmp_path / "dp")], procs=2)
+    state = checkpoint.load(tmp_path / "dp" / "checkpoints" / "last.pt")
+    sums = [r["state_sums"] for r in state["ranks"]]
+    assert sums[0] == sums[1] and "terms.2.regressors.0_0.0.weight" in sums[0]
+    assert "terms.2.regressors.0_0.1.running_mean" in sums[0]
+    summary = json.loads((tmp_path / "dp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["peers"][0]["final_test_top1"] > 50
 
 
 def free_port():

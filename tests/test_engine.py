@@ -205,8 +205,34 @@ def test_bf16_autocast_and_gradient_accumulation_run_on_cpu(tmp_path):
     assert summary(run)["ensemble"]["final_test_top1"] > 10.0
 
 
+# Teacher runs named by the shipped student configs, and the shipped config that trains each one
+TEACHER_CONFIGS = {"runs/cifar100_resnet32x4": "cifar100_teacher_resnet32x4", "runs/fm_teacher": "fashion_mnist_teacher"}
+
+
+@pytest.fixture(scope="module")
+def shipped_teachers(tmp_path_factory):
+    """Teacher run directories made on demand by running their shipped config for one step (cached per module)."""
+    made = {}
+
+    def get(run: str, extra: list[str]) -> str:
+        if run not in made:
+            if run not in TEACHER_CONFIGS:
+                raise AssertionError(f"a shipped config names teacher run {run!r}; add its config to TEACHER_CONFIGS")
+            out = tmp_path_factory.mktemp("teacher") / "run"
+            train(out, str(ROOT / "configs" / f"{TEACHER_CONFIGS[run]}.yaml"), "train.max_steps=1",
+                  "train.progress=false", *extra)
+            made[run] = str(out)
+        return made[run]
+
+    return get
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")))
-def test_every_shipped_config_runs_one_step(tmp_path, name):
+def test_every_shipped_config_runs_one_step(tmp_path, name, shipped_teachers):
+    """Each shipped config starts, takes one optimizer step and stops cleanly; student configs get their teacher
+    runs from the shipped teacher configs (one step each), on CIFAR-100 files the test writes."""
+    from mutualkd.config import read_yaml
+
     extra = []
     if name.startswith("cifar100"):
         write_cifar(tmp_path, "cifar100", n_per_file=1000)
@@ -214,6 +240,9 @@ def test_every_shipped_config_runs_one_step(tmp_path, name):
     elif "fashion" in name or "timm" in name:
         if not FASHION.is_dir():
             pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    for i, t in enumerate(read_yaml(ROOT / "configs" / f"{name}.yaml").get("teachers", [])):
+        if "run" in t:
+            extra.append(f"teachers.{i}.run={shipped_teachers(t['run'], extra[:1])}")
     run = train(tmp_path / "run", str(ROOT / "configs" / f"{name}.yaml"), "train.max_steps=1",
                 "train.progress=false", *extra)
     assert checkpoint.load(run / "checkpoints" / "last.pt")["step"] == 1

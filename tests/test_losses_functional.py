@@ -834,5 +834,5 @@ def test_public_names():
         "nst_mmd", "relation", "sp_loss", "rkd_distance", "rkd_angle", "pkt_loss", "supcon", "vcl", "icl",
         "supcon_from_logits", "contrast_masks", "bank_scores", "nce_loss",
     }  # fmt: skip
-    assert set(LF.__all__) == expected
-    assert all(callable(getattr(LF, n)) and getattr(LF, n).__doc__ for n in expected)
+    assert expected <= set(LF.__all__)  # LOSS_API.md's names; later additions (kd_per_peer, fsp, ...) are extra
+    assert all(callable(getattr(LF, n)) and getattr(LF, n).__doc__ for n in LF.__all__)

@@ -81,7 +81,8 @@ def build(cfg: C.Config, accelerator: Accelerator) -> Built:
     d = cfg.data
     splits = load_splits(d.name, root=d.root, download=d.download, val_split=d.val_split, split_seed=d.split_seed,
                          image_size=d.image_size,
-                         synthetic=d.synthetic.model_dump() if d.name == "synthetic" else None)
+                         synthetic=d.synthetic.model_dump() if d.name == "synthetic" else None,
+                         composed=d.composed.model_dump() if d.name == "composed_digits" else None)
     spec = splits.spec
     placement.configure(cfg.placement)
     group = PeerGroup(cfg, spec.num_classes, spec.in_chans, spec.image_size,
@@ -90,7 +91,8 @@ def build(cfg: C.Config, accelerator: Accelerator) -> Built:
     ctx = BuildContext(peer_names=cfg.peer_names, num_classes=spec.num_classes,
                        train_targets=torch.as_tensor(splits.train.targets),
                        embedding_dim=cfg.embedding.dim if cfg.embedding.head != "none" else None,
-                       seed=cfg.seed, rank=placement.data_world()[0], tap_shapes=group.tap_shapes, teachers=teachers)
+                       seed=cfg.seed, rank=placement.data_world()[0], tap_shapes=group.tap_shapes, teachers=teachers,
+                       input_shape=(spec.in_chans, *spec.image_size))
     objective = Objective(cfg.objective, ctx)
     augment = BatchAugment(spec, crop_padding=d.crop_padding if d.augment else 0,
                            flip=(d.flip if d.flip is not None else spec.flip) and d.augment)
@@ -188,6 +190,7 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
                 inputs = [views[p] for p in b.group.index]
             else:
                 inputs = b.augment(x, aug_rng, train=True)
+            batch["input"] = inputs  # the peers' normalised input(s): reconstruction targets
             progress_epoch = epoch + i / len(sampler)
             with contextlib.nullcontext() if sync else accelerator.no_sync(group), accelerator.autocast():
                 out = placement.exchange(group(inputs, taps=b.objective.student_taps))
@@ -271,19 +274,20 @@ def save_checkpoint(path: Path, cfg, b: Built, optimizer, scheduler, aug_rng, ac
     """Gather every rank's state (collective), then rank 0 writes one atomic file.
 
     Per rank: global RNGs, the augmentation stream, the objective's samplers and, under peer_parallel, its own
-    optimizer; the peers of every rank under single-process names; replicated buffers (memory banks) are
-    checked to be identical on every rank.
+    optimizer; the peers of every rank under single-process names; the objective's replicated state (memory
+    banks, loss adapters, discriminators) is checked to be identical on every rank.
     """
     peer_parallel = cfg.placement == "peer_parallel"
     own = {"optimizer": optimizer.optimizer.state_dict()} if peer_parallel else {}
     models = gather_object([_cpu(b.group.global_state_dict())]) if peer_parallel else [b.group.state_dict()]
     ranks = gather_object([{**own, "rng": checkpoint.rng_state(), "aug_rng": aug_rng.get_state(),
                             "objective": {k: v for k, v in b.objective.state_dict().items() if k.endswith("_extra_state")},
-                            "buffer_sums": {k: v.double().sum().item() for k, v in b.objective.named_buffers()}}])
+                            "state_sums": {k: v.double().sum().item() for k, v in b.objective.state_dict().items()
+                                           if isinstance(v, torch.Tensor) and v.is_floating_point()}}])
     if not accelerator.is_main_process:
         return
-    if any(r["buffer_sums"] != ranks[0]["buffer_sums"] for r in ranks):
-        raise RuntimeError(f"objective state differs across ranks: {[r['buffer_sums'] for r in ranks]}")
+    if any(r["state_sums"] != ranks[0]["state_sums"] for r in ranks):
+        raise RuntimeError(f"objective state differs across ranks: {[r['state_sums'] for r in ranks]}")
     payload = {"ranks": ranks, "config": C.dump(cfg), "model": {k: v for m in models for k, v in m.items()},
                "objective": b.objective.state_dict(),
                "optimizer": None if peer_parallel else optimizer.optimizer.state_dict(),
