@@ -13,11 +13,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mutualkd.errors import UserError
 
-DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic", "composed_digits")
 
 
 class Strict(BaseModel):
@@ -36,8 +43,17 @@ class SyntheticConfig(Strict):
     seed: int = 0
 
 
+class ComposedConfig(Strict):
+    """`composed_digits` (LW-KD's synthesised simple set, METHODS §2.10): class y is digit y (num_classes <= 10)
+    or the two digits y // 10, y % 10 side by side (up to 100 classes; needs image_size >= 16)."""
+
+    num_classes: int = Field(10, ge=2, le=100)
+    image_size: int = Field(16, ge=8)
+
+
 class DataConfig(Strict):
-    name: Literal["digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic"] = "digits"
+    name: Literal["digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic",
+                  "composed_digits"] = "digits"
     root: str | None = None  # None: the dataset's standard place (fashion_mnist: Debian's package)
     download: bool = False  # cifar only; opt-in network access
     val_split: float = Field(0.1, ge=0.0, lt=0.5)  # stratified hold-out carved from train
@@ -53,6 +69,7 @@ class DataConfig(Strict):
     crop_padding: int | None = Field(None, ge=0)  # None: the dataset's default
     flip: bool | None = None  # None: the dataset's default
     synthetic: SyntheticConfig = SyntheticConfig()
+    composed: ComposedConfig = ComposedConfig()
 
 
 # -------------------------------------------------------------------------------------------- peers
@@ -84,7 +101,7 @@ class TeacherConfig(Strict):
     image_size: int | None = Field(None, ge=8)
 
     @model_validator(mode="after")
-    def _one_source(self) -> "TeacherConfig":
+    def _one_source(self) -> TeacherConfig:
         given = [k for k in ("run", "file", "arch") if getattr(self, k) is not None]
         if given not in (["run"], ["file"], ["arch"], ["file", "arch"]):
             raise ValueError("name the teacher's source with exactly one of run (a run directory), file (a "
@@ -219,6 +236,7 @@ class ATTerm(TeacherTermBase):
     name: Literal["at"]
     weight: float = Field(1000.0, ge=0.0)
     taps: list[str] | None = None  # None: stage1..S
+    teacher_taps: list[str] | None = None  # None: the names in `taps`, or the teacher's own stage1..S
     p: float = Field(2.0, gt=0.0)
     paper_norm: bool = False  # [reconstructed] (β/2)·‖Q_S − Q_T‖₂ per sample (not squared), batch mean
 
@@ -229,6 +247,7 @@ class FSPTerm(TeacherTermBase):
     name: Literal["fsp"]
     weight: float = Field(50.0, ge=0.0)
     taps: list[str] | None = None  # None: stem, stage1, ..., stageS; G for each consecutive pair
+    teacher_taps: list[str] | None = None  # None: the names in `taps`, or the teacher's own stem, stage1..S
     adapter: Literal["none", "conv1x1"] = "none"  # Gap: none errors at build time when channels differ
 
 
@@ -255,6 +274,7 @@ class RelationTerm(TeacherTermBase):
     loss: Literal["mse", "l1", "smooth_l1", "kl"] = "kl"
     tau: float = Field(1.0, gt=0.0)  # row_softmax temperature [reconstructed]
     gamma: float = Field(1.0, gt=0.0)  # gaussian affinity
+    global_batch: bool = True  # data-parallel: relations over the all-gathered global batch (METHODS §0.5)
 
 
 class SPTerm(TeacherTermBase):
@@ -264,6 +284,7 @@ class SPTerm(TeacherTermBase):
     weight: float = Field(3000.0, ge=0.0)
     tap: str | None = None  # None: the last stage
     teacher_tap: str | None = None
+    global_batch: bool = True  # data-parallel: relations over the all-gathered global batch (METHODS §0.5)
 
 
 class RKDTerm(TeacherTermBase):
@@ -275,6 +296,7 @@ class RKDTerm(TeacherTermBase):
     distance_weight: float = Field(25.0, ge=0.0)
     angle_weight: float = Field(50.0, ge=0.0)
     normalize: bool = False  # lenscloth/RKD's classification script L2-normalises the embeddings
+    global_batch: bool = True  # data-parallel: relations over the all-gathered global batch (METHODS §0.5)
 
 
 class PKTTerm(TeacherTermBase):
@@ -284,6 +306,7 @@ class PKTTerm(TeacherTermBase):
     weight: float = Field(30000.0, ge=0.0)
     tap: str = "pre_logits"
     teacher_tap: str | None = None
+    global_batch: bool = True  # data-parallel: relations over the all-gathered global batch (METHODS §0.5)
 
 
 class CCTerm(TeacherTermBase):
@@ -297,9 +320,10 @@ class CCTerm(TeacherTermBase):
     embed_dim: int = Field(128, ge=1)  # repdistiller: trainable Linear embeddings on both sides [reconstructed]
     gamma: float = Field(0.4, gt=0.0)  # rbf_taylor
     order: int = Field(2, ge=0)  # rbf_taylor
+    global_batch: bool = True  # data-parallel: relations over the all-gathered global batch (METHODS §0.5)
 
     @model_validator(mode="after")
-    def _form_weight(self) -> "CCTerm":
+    def _form_weight(self) -> CCTerm:
         if self.weight is None:
             self.weight = 0.02 if self.form == "repdistiller" else 100.0
         return self
@@ -313,6 +337,7 @@ class AdaINTerm(TeacherTermBase):
     weight: float = Field(100.0, ge=0.0)
     feat_weight: float = Field(100.0, ge=0.0)
     taps: list[str] | None = None  # None: the last two stages
+    teacher_taps: list[str] | None = None  # None: the names in `taps`, or the teacher's own last two stages
     head: Literal["next_stage", "logits"] = "next_stage"
     T: float = Field(4.0, gt=0.0)  # head=logits: KD temperature
     statistics_only: bool = False  # ablation baseline: mean ‖μ_S − μ_T‖² + ‖σ_S − σ_T‖² through the connector
@@ -501,7 +526,7 @@ class Config(Strict):
         return teachers
 
     @model_validator(mode="after")
-    def _teachers_fit(self) -> "Config":
+    def _teachers_fit(self) -> Config:
         names = [t.name for t in self.teachers]
         known = f"teachers: {', '.join(map(repr, names))}" if names else "the config has no teachers"
         for i, term in enumerate(self.objective.terms):
@@ -544,7 +569,7 @@ class Config(Strict):
         return self
 
     @model_validator(mode="after")
-    def _heads_are_used(self) -> "Config":
+    def _heads_are_used(self) -> Config:
         uses = [t.name for t in self.objective.terms if t.name in EMBEDDING_TERMS]
         if self.embedding.head != "none" and not uses:
             raise ValueError(f"embedding.head: {self.embedding.head!r} heads would be trained by nothing; no term in "
@@ -572,7 +597,7 @@ _Loader.add_implicit_resolver(
 
 
 def _parse(text: str):
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass: plain data only
+    return yaml.load(text, Loader=_Loader)
 
 
 def read_yaml(path: str | Path) -> dict:

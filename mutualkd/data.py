@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mutualkd.errors import UserError
 
-DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic", "composed_digits")
 SAMPLERS = ("random", "m_per_class")
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 CIFAR_DEFAULT_ROOT = "~/.cache/mutualkd"  # where CIFAR lives (and is downloaded to) without data.root
@@ -37,6 +37,9 @@ CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SYNTHETIC_DEFAULTS = {"num_classes": 10, "train_size": 512, "test_size": 256, "image_size": 32, "channels": 3,
                       "seed": 0}
+COMPOSED_DEFAULTS = {"num_classes": 10, "image_size": 16}
+# Two-digit composed classes: samples per class drawn for each part (about the digits' 144 / 36 per class).
+COMPOSED_PER_CLASS = {"train": 144, "test": 36}
 
 
 @dataclass(frozen=True)
@@ -355,15 +358,65 @@ def _load_synthetic(cfg: dict[str, Any] | None) -> tuple[ImageTensors, ImageTens
     return train, test, spec
 
 
+def _load_composed(cfg: dict[str, Any] | None) -> tuple[ImageTensors, ImageTensors, DataSpec]:
+    """LW-KD's synthesised simple dataset (METHODS §2.10) from scikit-learn's 8x8 digits, 1 channel uint8.
+
+    The digits are first split into train and test pools exactly as the ``digits`` dataset does (fixed seeded
+    stratified split), so no test image reuses a training digit. With ``num_classes`` C <= 10, class y is digit
+    y: every pool image of the classes below C, scaled by the integer factor ``image_size // 8`` (nearest) and
+    centred on a black ``image_size`` square. With C > 10, class y shows the digits ``y // 10`` and ``y % 10``
+    side by side, each scaled by ``image_size // 16`` and drawn at random from its pool (a fixed seed per part,
+    ``COMPOSED_PER_CLASS`` samples per class). Normalisation is measured on the training part.
+    """
+    cfg = {**COMPOSED_DEFAULTS, **(cfg or {})}
+    k, s = cfg["num_classes"], cfg["image_size"]
+    if not 2 <= k <= 100:
+        raise UserError(f"data.composed.num_classes: must be in 2..100, got {k}")
+    if s < (16 if k > 10 else 8):
+        raise UserError(f"data.composed.image_size: {'two-digit classes (num_classes > 10)' if k > 10 else 'a digit'} "
+                        f"need image_size >= {16 if k > 10 else 8}, got {s}")
+    train_pool, test_pool, _ = _load_digits()
+
+    def compose(pool: ImageTensors, part: str, seed: int) -> ImageTensors:
+        if k <= 10:
+            keep = pool.targets < k
+            digits, targets = pool.images[keep].unsqueeze(1), pool.targets[keep]  # [N, 1 digit, 1, 8, 8]
+        else:
+            g = torch.Generator().manual_seed(seed)
+            targets = torch.arange(k).repeat_interleave(COMPOSED_PER_CLASS[part])
+            order = torch.argsort(pool.targets, stable=True)
+            counts = torch.bincount(pool.targets, minlength=10)
+            starts = torch.cumsum(counts, 0) - counts
+
+            def draw(d: torch.Tensor) -> torch.Tensor:  # a uniformly random pool image of each digit in d
+                return pool.images[order[starts[d] + (torch.rand(len(d), generator=g) * counts[d]).long()]]
+
+            digits = torch.stack([draw(targets // 10), draw(targets % 10)], dim=1)  # [N, 2 digits, 1, 8, 8]
+        f = s // (8 * digits.shape[1])
+        tiles = digits.repeat_interleave(f, dim=-2).repeat_interleave(f, dim=-1)
+        strip = torch.cat(tiles.unbind(1), dim=-1)  # [N, 1, 8f, 8f·digits]
+        h, w = strip.shape[-2:]
+        images = torch.zeros(len(targets), 1, s, s, dtype=torch.uint8)
+        images[..., (s - h) // 2:(s - h) // 2 + h, (s - w) // 2:(s - w) // 2 + w] = strip
+        return ImageTensors(images, targets)
+
+    train, test = compose(train_pool, "train", 0), compose(test_pool, "test", 1)
+    pixels = train.images.float() / 255
+    spec = DataSpec("composed_digits", k, 1, (s, s), (pixels.mean().item(),), (pixels.std().item(),),
+                    crop_padding=max(1, s // 16), flip=False)
+    return train, test, spec
+
+
 def load_splits(name: str, root: str | None = None, download: bool = False, val_split: float = 0.1,
                 split_seed: int = 0, image_size: int | None = None,
-                synthetic: dict[str, Any] | None = None) -> Splits:
+                synthetic: dict[str, Any] | None = None, composed: dict[str, Any] | None = None) -> Splits:
     """Load dataset ``name`` and carve a stratified held-out validation set from its training part.
 
     ``root``: data folder (fashion_mnist defaults to Debian's install, CIFAR to ``~/.cache/mutualkd``;
     imagefolder needs it). ``download`` only applies to CIFAR. ``image_size`` sets the imagefolder
     resolution (default 224); other datasets have a fixed size, which it may only restate.
-    ``synthetic`` configures the ``synthetic`` dataset (see SYNTHETIC_DEFAULTS).
+    ``synthetic`` configures the ``synthetic`` dataset (see SYNTHETIC_DEFAULTS), ``composed`` the
+    ``composed_digits`` one (see COMPOSED_DEFAULTS).
     """
     if name not in DATASETS:
         raise UserError(f"data.name: unknown dataset {name!r} (allowed: {', '.join(DATASETS)})")
@@ -373,6 +426,8 @@ def load_splits(name: str, root: str | None = None, download: bool = False, val_
         raise UserError(f"data.image_size: must be a positive integer, got {image_size!r}")
     if synthetic and name != "synthetic":
         raise UserError(f"data.synthetic: only used with data.name=synthetic, not {name}")
+    if composed and name != "composed_digits":
+        raise UserError(f"data.composed: only used with data.name=composed_digits, not {name}")
 
     if name == "digits":
         train, test, spec = _load_digits()
@@ -382,6 +437,8 @@ def load_splits(name: str, root: str | None = None, download: bool = False, val_
         train, test, spec = _load_cifar(name, root, download)
     elif name == "imagefolder":
         train, test, spec = _load_imagefolder(root, image_size or 224)
+    elif name == "composed_digits":
+        train, test, spec = _load_composed(composed)
     else:
         train, test, spec = _load_synthetic(synthetic)
     if image_size is not None and spec.image_size != (image_size, image_size):

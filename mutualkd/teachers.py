@@ -75,7 +75,7 @@ class Teacher(nn.Module):
         self.register_buffer("t_mean", torch.tensor(t.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("t_std", torch.tensor(t.std).view(1, -1, 1, 1), persistent=False)
 
-    def train(self, mode: bool = True) -> "Teacher":
+    def train(self, mode: bool = True) -> Teacher:
         """A teacher stays in eval mode (frozen BatchNorm statistics, no dropout) whatever its owner does."""
         return super().train(False)
 
@@ -151,7 +151,8 @@ class Teacher(nn.Module):
             raise UserError(f"teachers ({self.name}): drawing targets from labels needs a teacher trained with "
                             "mutualkd (a `run:` directory), whose training set it samples")
         splits = load_splits(d.name, root=d.root, download=False, val_split=d.val_split, split_seed=d.split_seed,
-                             image_size=d.image_size, synthetic=d.synthetic.model_dump() if d.name == "synthetic" else None)
+                             image_size=d.image_size, synthetic=d.synthetic.model_dump() if d.name == "synthetic" else None,
+                             composed=d.composed.model_dump() if d.name == "composed_digits" else None)
         if not isinstance(splits.train, ImageTensors):
             raise UserError(f"teachers ({self.name}): its dataset {d.name!r} is not held in memory; LW-KD needs one")
         targets = splits.train.targets

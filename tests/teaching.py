@@ -51,7 +51,7 @@ def train_steps(overrides: list[str], steps: int = 3, seed: int = 0) -> Steps:
         idx = torch.randperm(len(train), generator=gen)[: cfg.data.batch_size]
         batch = train.__getitems__(idx.tolist())
         x = b.augment(batch["image"], gen, train=True)
-        data = {"target": batch["target"], "index": batch["index"]}
+        data = {"target": batch["target"], "index": batch["index"], "input": x}
         out = b.group(x, taps=b.objective.student_taps)
         teach = b.objective.teach(x, step, 0.0)
         losses = b.objective(out, data, 0.0, teach)

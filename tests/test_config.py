@@ -39,7 +39,7 @@ def test_dotted_overrides_parse_yaml_values_and_reach_lists():
 
 @pytest.mark.parametrize("overrides, message", [
     (["train.epochz=3"], r"train\.epochz: unknown key \(did you mean 'epochs'\?\); allowed keys: .*epochs"),
-    (["data.name=digitz"], r"data\.name: .*'digits', 'fashion_mnist', 'cifar10', 'cifar100', 'imagefolder' or 'synthetic' \(got 'digitz'\)"),
+    (["data.name=digitz"], r"data\.name: .*'digits', 'fashion_mnist', 'cifar10', 'cifar100', 'imagefolder', 'synthetic' or 'composed_digits' \(got 'digitz'\)"),
     (["train.epochs=abc"], r"train\.epochs: input should be a valid integer \(got 'abc'\)"),
     (["train.epochs=2.5"], r"train\.epochs: input should be a valid integer \(got 2.5\)"),
     (["data.augment=3"], r"data\.augment: input should be a valid boolean \(got 3\)"),

@@ -4,6 +4,7 @@ policy, KD and FitNets terms, multi-stage training, and the config-time errors a
 import pytest
 import torch
 import torch.nn.functional as F
+from teaching import assert_teachers_untouched, train_steps
 
 from mutualkd import config as C
 from mutualkd.cli import main
@@ -12,7 +13,6 @@ from mutualkd.errors import UserError
 from mutualkd.export import export_peer
 from mutualkd.losses import functional as MF
 from mutualkd.teachers import InputSpec, TeacherSet
-from teaching import assert_teachers_untouched, train_steps
 
 
 def digits_spec():
@@ -84,7 +84,7 @@ def test_policies_assign_teachers_to_peers(digits_teacher):
     assert teacher_set(*two).assignment(5) == [[0, 1], [0, 1]]
     rr = teacher_set(*two, **{"teacher_policy.mode": "round_robin"})
     assert [rr.assignment(s) for s in range(3)] == [[[0], [0]], [[1], [1]], [[0], [0]]]
-    asg = teacher_set(*two, **{"teacher_policy": "{mode: assigned, assign: {peer0: b, peer1: a}}"})
+    asg = teacher_set(*two, teacher_policy="{mode: assigned, assign: {peer0: b, peer1: a}}")
     assert asg.assignment(0) == [[1], [0]]
 
 
@@ -239,8 +239,8 @@ def test_two_stage_fitnets_trains_only_the_front_and_the_regressor_first(digits_
     (["teachers=[{arch: cifar_resnet8}]", "data.views=per_peer"], r"data\.views: per_peer views are not supported"),
     (["teachers=[{arch: cifar_resnet8}]", "objective.terms=[{name: fitnet}]", "placement=peer_parallel"],
      r"objective\.terms\.0 \(fitnet\): feature terms need every peer's taps in one process"),
-    (["objective.stages=[{epochs: 5, terms: [ce]}]"], r"objective\.stages: the stages' epochs add up to 5, "
-                                                      r"train\.epochs is 12"),
+    (["objective.stages=[{epochs: 5, terms: [ce]}]"],
+     r"objective\.stages: the stages' epochs add up to 5, train\.epochs is 12"),
     (["objective.stages=[{epochs: 12, terms: [kd]}]"], r"objective\.stages\.0\.terms: unknown term 'kd'; terms: ce, dml"),
 ])
 def test_teacher_config_errors_name_the_key(overrides, message):
@@ -255,3 +255,22 @@ def test_a_bad_teacher_stops_the_cli_with_exit_2_before_the_run_directory_exists
     assert code == 2 and not run.exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "run directory not found" in err[0]
+
+
+def test_resume_with_a_teacher_and_adapters_equals_an_uninterrupted_run(digits_teacher, tmp_path):
+    """Regressors (objective state) are checkpointed and restored; the teacher is reloaded from its run."""
+    from mutualkd.engine import checkpoint
+
+    args = [f"teachers=[{{run: {digits_teacher}}}]", "objective.terms=[{name: ce}, {name: kd}, {name: fitnet}]",
+            "train.epochs=2", "train.progress=false"]
+    assert main(["train", *args, "--run-dir", str(tmp_path / "whole")]) == 0
+    assert main(["train", *args, "train.max_steps=13", "--run-dir", str(tmp_path / "split")]) == 0
+    assert main(["train", "--resume", str(tmp_path / "split")]) == 0
+    a = checkpoint.load(tmp_path / "whole" / "checkpoints" / "last.pt")
+    b = checkpoint.load(tmp_path / "split" / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 40
+    for part in ("model", "objective"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert "terms.2.regressors.0_0.0.weight" in a["objective"]

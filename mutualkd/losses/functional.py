@@ -13,6 +13,7 @@ The math behind each function is in METHODS.md (§0.5 primitives, §1.1-1.7, §2
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import torch
@@ -29,11 +30,16 @@ __all__ = [
     "attention_transfer",
     "fitnet_mse",
     "nst_mmd",
+    "nst_bandwidth",
+    "fsp_matrix",
+    "fsp_loss",
     "relation",
     "sp_loss",
     "rkd_distance",
     "rkd_angle",
     "pkt_loss",
+    "cc_repdistiller",
+    "cc_rbf_taylor",
     "contrast_masks",
     "supcon_from_logits",
     "supcon",
@@ -41,6 +47,9 @@ __all__ = [
     "icl",
     "bank_scores",
     "nce_loss",
+    "channel_stats",
+    "adain_inject",
+    "channel_stats_mse",
 ]
 
 AFFINITIES = ("dot", "cosine", "euclidean", "gaussian")
@@ -113,11 +122,11 @@ def _kd(student: Tensor, target: Tensor, T: float, direction: str = "forward") -
     return kl * (T * T / student.shape[-2])
 
 
-def _pool_to_common(name: str, f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
+def _pool_to_common(name: str, f_s: Tensor, f_t: Tensor, names=("student", "teacher")) -> tuple[Tensor, Tensor]:
     """Validate two ``[B, C, H, W]`` maps and adaptive-average-pool the spatially larger one to the smaller."""
-    _rank(name, "student", f_s, (4,), "[B, C, H, W]")
-    _rank(name, "teacher", f_t, (4,), "[B, C, H, W]")
-    _same(name, "batch sizes", f_s, f_t, 0)
+    _rank(name, names[0], f_s, (4,), "[B, C, H, W]")
+    _rank(name, names[1], f_t, (4,), "[B, C, H, W]")
+    _same(name, "batch sizes", f_s, f_t, 0, names)
     (hs, ws), (ht, wt) = f_s.shape[-2:], f_t.shape[-2:]
     if (hs, ws) == (ht, wt):
         return f_s, f_t
@@ -127,7 +136,7 @@ def _pool_to_common(name: str, f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor
         return f_s, F.adaptive_avg_pool2d(f_t.float(), (hs, ws))
     raise ValueError(
         f"{name}: spatial sizes cannot be pooled to a common H×W (neither map is larger in both): "
-        f"student {_shape(f_s)} vs teacher {_shape(f_t)}"
+        f"{names[0]} {_shape(f_s)} vs {names[1]} {_shape(f_t)}"
     )
 
 
@@ -254,10 +263,15 @@ def attention_map(f: Tensor, p: float = 2) -> Tensor:
 
 
 @_fp32
-def attention_transfer(f_s: Tensor, f_t: Tensor, p: float = 2) -> Tensor:
-    """AT loss: ``mean_{b,hw}(attention_map(f_s) − attention_map(sg f_t))²``, larger map pooled first."""
+def attention_transfer(f_s: Tensor, f_t: Tensor, p: float = 2, paper_norm: bool = False) -> Tensor:
+    """AT loss: ``mean_{b,hw}(attention_map(f_s) − attention_map(sg f_t))²``, larger map pooled first;
+    ``paper_norm``: the paper's unsquared ``½·mean_b ‖attention_map(f_s) − attention_map(sg f_t)‖₂``
+    (METHODS §2.3 [reconstructed])."""
     f_s, f_t = _pool_to_common("attention_transfer", f_s, f_t)
-    return (attention_map(f_s, p) - attention_map(f_t.detach(), p)).pow(2).mean()
+    diff = attention_map(f_s, p) - attention_map(f_t.detach(), p)
+    if paper_norm:
+        return 0.5 * torch.linalg.vector_norm(diff, dim=1).mean()  # the norm's gradient at 0 is 0, not NaN
+    return diff.pow(2).mean()
 
 
 @_fp32
@@ -318,6 +332,47 @@ def nst_mmd(
 
         mmd = k(t, t).mean(dim=(1, 2)) + k(s, s).mean(dim=(1, 2)) - 2.0 * k(s, t).mean(dim=(1, 2))
     return mmd.mean()
+
+
+@_fp32
+def nst_bandwidth(f_s: Tensor, f_t: Tensor) -> Tensor:
+    """NST's default Gaussian bandwidth ``σ²`` per sample ``[B]``, detached (METHODS §2.5 [reconstructed]): the
+    mean squared distance over distinct pairs of the joint set of L2-normalised channel rows of both maps (the
+    rows :func:`nst_mmd` compares; the larger map is pooled first). Pass it as ``nst_mmd(..., sigma2=...)``."""
+    f_s, f_t = _pool_to_common("nst_bandwidth", f_s, f_t)
+    x = torch.cat([F.normalize(f.detach().float().flatten(2), dim=2) for f in (f_s, f_t)], dim=1)  # [B, n, HW]
+    n = x.shape[1]
+    # Σ_{i,j} ‖x_i − x_j‖² = 2n·Σ_i ‖x_i‖² − 2‖Σ_i x_i‖²; the diagonal adds 0, so the mean divides by n(n − 1)
+    total = 2.0 * n * x.pow(2).sum(dim=(1, 2)) - 2.0 * x.sum(dim=1).pow(2).sum(dim=1)
+    return (total / (n * (n - 1))).clamp_min(1e-12)  # all-zero rows: any positive σ² gives k = 1
+
+
+def _fsp(name: str, f1: Tensor, f2: Tensor, names: tuple[str, str]) -> Tensor:
+    f1, f2 = _pool_to_common(name, f1, f2, names)
+    a, b = f1.float().flatten(2), f2.float().flatten(2)
+    return torch.einsum("bis,bjs->bij", a, b) / a.shape[2]
+
+
+@_fp32
+def fsp_matrix(f1: Tensor, f2: Tensor) -> Tensor:
+    """FSP ("flow") matrix ``[B, C1, C2]``: ``G = (1/(H·W))·Σ_s f1[:, :, s] f2[:, :, s]ᵀ`` of two maps of one
+    network; the spatially larger map is adaptive-average-pooled to the smaller one first."""
+    return _fsp("fsp_matrix", f1, f2, ("f1", "f2"))
+
+
+@_fp32
+def fsp_loss(s1: Tensor, s2: Tensor, t1: Tensor, t2: Tensor) -> Tensor:
+    """FSP loss of one pair of maps: ``mean_{b,c1,c2}(fsp_matrix(s1, s2) − fsp_matrix(sg t1, sg t2))²``. The
+    student's C1, C2 must equal the teacher's; H×W may differ between student and teacher."""
+    name = "fsp_loss"
+    for what, f in (("student f1", s1), ("student f2", s2), ("teacher f1", t1), ("teacher f2", t2)):
+        _rank(name, what, f, (4,), "[B, C, H, W]")
+    if (s1.shape[:2], s2.shape[:2]) != (t1.shape[:2], t2.shape[:2]):
+        raise ValueError(f"{name}: batch sizes or channels differ: student {_shape(s1)}, {_shape(s2)} vs teacher "
+                         f"{_shape(t1)}, {_shape(t2)}")
+    g_s = _fsp(name, s1, s2, ("student f1", "student f2"))
+    g_t = _fsp(name, t1.detach(), t2.detach(), ("teacher f1", "teacher f2"))
+    return (g_s - g_t).pow(2).mean()
 
 
 # --------------------------------------------------------------------------------------- relation losses
@@ -420,6 +475,42 @@ def pkt_loss(z_s: Tensor, z_t: Tensor) -> Tensor:
     return _relation("pkt_loss", z_s, z_t, "cosine", "row_l1", "kl")
 
 
+@_fp32
+def cc_repdistiller(e_s: Tensor, e_t: Tensor) -> Tensor:
+    """Correlation congruence, RepDistiller's form: ``mean_b Σ_c |Δ_b,c|·|Δ_b+1,c|`` over the ``B−1``
+    consecutive sample pairs, ``Δ = e_s − e_t`` for ``[B, d]`` embeddings. ``e_t`` is NOT detached: there it is
+    the output of a trainable teacher-side embedding of the detached teacher feature (METHODS §2.6); detach it
+    yourself for a fixed target."""
+    name = "cc_repdistiller"
+    _rank(name, "student", e_s, (2,), "[B, d]")
+    _rank(name, "teacher", e_t, (2,), "[B, d]")
+    _same(name, "shapes", e_s, e_t, slice(None))
+    if e_s.shape[0] < 2:
+        raise ValueError(f"{name}: needs a batch of at least 2, got {_shape(e_s)}")
+    delta = (e_s.float() - e_t.float()).abs()
+    return (delta[:-1] * delta[1:]).sum(dim=1).mean()
+
+
+def _rbf_taylor(z: Tensor, gamma: float, order: int) -> Tensor:
+    """``Σ_{r=0..order} e^{−2γ}(2γ)^r/r!·cos^r``, ``cos = ẑẑᵀ``: the Taylor series of ``exp(−γ‖ẑ_i − ẑ_j‖²)``."""
+    zn = F.normalize(z, dim=1)
+    cos = zn @ zn.t()
+    return sum(math.exp(-2.0 * gamma) * (2.0 * gamma) ** r / math.factorial(r) * cos.pow(r) for r in range(order + 1))
+
+
+@_fp32
+def cc_rbf_taylor(z_s: Tensor, z_t: Tensor, gamma: float = 0.4, order: int = 2) -> Tensor:
+    """Correlation congruence, Knowledge-Distillation-Zoo's form: ``mean over B² of (K(z_s) − K(sg z_t))²`` with
+    ``K`` the order-``order`` Taylor expansion of the Gaussian RBF on L2-normalised rows,
+    ``K_ij = Σ_{r=0..order} e^{−2γ}(2γ)^r/r!·(ẑ_i·ẑ_j)^r``; widths may differ."""
+    name = "cc_rbf_taylor"
+    _positive(name, "gamma", gamma)
+    if not isinstance(order, int) or order < 0:
+        raise ValueError(f"{name}: order must be an int >= 0, got {order!r}")
+    z_s, z_t = _flatten_pair(name, z_s, z_t)
+    return (_rbf_taylor(z_s, gamma, order) - _rbf_taylor(z_t.detach(), gamma, order)).pow(2).mean()
+
+
 # ------------------------------------------------------------------------------------ contrastive losses
 
 
@@ -518,3 +609,48 @@ def nce_loss(scores: Tensor, n_data: int, eps: float = 1e-7, mean_score: Tensor 
     log_pos = torch.log(p[..., 0] / (p[..., 0] + k_pi + eps))
     log_neg = torch.log(k_pi / (p[..., 1:] + k_pi + eps))
     return -(log_pos.sum(dim=-1) + log_neg.sum(dim=(-2, -1))) / B
+
+
+# ---------------------------------------------------------------------- AdaIN statistics (METHODS §2.7)
+
+
+@_fp32
+def channel_stats(f: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Per-sample, per-channel ``(μ, σ)`` of a ``[B, C, H, W]`` map over ``H×W``, each ``[B, C]``:
+    ``σ = sqrt(var + eps)`` with the population variance (instance-norm convention, defined for 1×1 maps)."""
+    name = "channel_stats"
+    _rank(name, "f", f, (4,), "[B, C, H, W]")
+    _positive(name, "eps", eps)
+    var, mu = torch.var_mean(f.float().flatten(2), dim=2, correction=0)
+    return mu, (var + eps).sqrt()
+
+
+@_fp32
+def adain_inject(f_s: Tensor, f_t: Tensor, eps: float = 1e-5) -> Tensor:
+    """AdaIN of the student's statistics into the detached teacher map: ``σ_s·(sg f_t − μ_t)/σ_t + μ_s``
+    (``[B, C, H_t, W_t]``; gradient flows only through ``μ_s``, ``σ_s`` of ``f_s``). ``B`` and ``C`` must match.
+
+    Evaluated as ``f_t + (f_t − μ_t)·(σ_s/σ_t − 1) + (μ_s − μ_t)``, the same value, which is ``f_t`` bit for bit
+    when the statistics are equal: the injection is exactly the identity on a student that already matches."""
+    name = "adain_inject"
+    _rank(name, "teacher", f_t, (4,), "[B, C, H, W]")
+    _rank(name, "student", f_s, (4,), "[B, C, H, W]")
+    _same(name, "batch sizes or channels", f_s, f_t, slice(0, 2))
+    t = f_t.detach().float()
+    mu_t, sigma_t = channel_stats(t, eps)
+    mu_s, sigma_s = channel_stats(f_s, eps)
+    scale = (sigma_s / sigma_t - 1.0)[..., None, None]
+    return t + (t - mu_t[..., None, None]) * scale + (mu_s - mu_t)[..., None, None]
+
+
+@_fp32
+def channel_stats_mse(f_s: Tensor, f_t: Tensor, eps: float = 1e-5) -> Tensor:
+    """AdaIN's ablation baseline: ``mean_{b,c}(μ_s − μ_t)² + mean_{b,c}(σ_s − σ_t)²``, teacher detached;
+    ``B`` and ``C`` must match."""
+    name = "channel_stats_mse"
+    _rank(name, "student", f_s, (4,), "[B, C, H, W]")
+    _rank(name, "teacher", f_t, (4,), "[B, C, H, W]")
+    _same(name, "batch sizes or channels", f_s, f_t, slice(0, 2))
+    mu_s, sigma_s = channel_stats(f_s, eps)
+    mu_t, sigma_t = channel_stats(f_t.detach(), eps)
+    return (mu_s - mu_t).pow(2).mean() + (sigma_s - sigma_t).pow(2).mean()

@@ -19,7 +19,7 @@ from torch import nn
 
 from mutualkd.config import ObjectiveConfig, Ramp
 
-TERMS: dict[str, type["Term"]] = {}
+TERMS: dict[str, type[Term]] = {}
 
 
 def register(name: str):
@@ -43,6 +43,7 @@ class BuildContext:
     rank: int = 0
     tap_shapes: list[dict[str, tuple[int, ...]]] = field(default_factory=list)  # per local peer, from the dry run
     teachers: Any = None  # TeacherSet, or None without teachers
+    input_shape: tuple[int, ...] = ()  # (C, H, W) of the peers' input (decoders back to the image)
 
 
 class Term(nn.Module):
@@ -80,7 +81,7 @@ class Objective(nn.Module):
 
     def __init__(self, cfg: ObjectiveConfig, ctx: BuildContext):
         super().__init__()
-        from mutualkd.losses import adain, adversarial, contrastive, hint, kd, logit, relation  # noqa: F401  (registry)
+        from mutualkd.losses import adain, adversarial, contrastive, hint, kd, logit, relation  # noqa: F401, I001
 
         self.labels = cfg.labels
         self.terms = nn.ModuleList(TERMS[t.name](t, ctx, f"objective.terms.{i}") for i, t in enumerate(cfg.terms))

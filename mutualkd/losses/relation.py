@@ -1,1 +1,99 @@
-"""(in progress)"""
+"""Relation terms from offline teachers (METHODS.md §2.6): the affinity × normalisation × loss grid and its named
+instances SP, RKD, PKT and CC. Each compares B×B structure of one tap, so student and teacher widths may differ;
+under data parallelism the relations span the all-gathered global batch (`global_batch`, METHODS §0.5)."""
+
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+from torch import nn
+
+from mutualkd.losses import functional as MF
+from mutualkd.losses.objective import register
+from mutualkd.losses.teacher import TeacherTerm, last_stage
+from mutualkd.placement import gather_batch
+
+
+class _OneTap(TeacherTerm):
+    """A relation term on one tap (`tap`, `teacher_tap`; None: the last stage)."""
+
+    def __init__(self, cfg, ctx, key):
+        super().__init__(cfg, ctx, key)
+        self.tap, self.t_taps = self.resolve_taps("tap", cfg.tap, cfg.teacher_tap, last_stage)
+        self.student_taps, self.teacher_taps = {self.tap}, set(self.t_taps.values())
+
+    def features(self, p: int, t: int, out, teach):
+        """(student, teacher) tensors of the pair at the term's taps, over the global batch if `global_batch`."""
+        z_s, z_t = out.taps[p][self.tap], teach.taps[t][self.t_taps[t]]
+        if self.cfg.global_batch:
+            z_s, z_t = gather_batch(z_s), gather_batch(z_t)
+        return z_s, z_t
+
+
+@register("relation")
+class Relation(_OneTap):
+    """w·ℓ(N(A(Z_S)), sg N(A(Z_T))) with A, N and ℓ chosen from the grid, Z the tap flattened to [B, D]."""
+
+    def pair_loss(self, p, t, out, teach, batch):
+        c = self.cfg
+        return MF.relation(*self.features(p, t, out, teach), c.affinity, c.normalisation, c.loss, c.tau, c.gamma)
+
+
+@register("sp")
+class SP(_OneTap):
+    """Similarity preserving: (dot, row_l2, mse) on the last-stage map flattened to [B, C·H·W] (not pooled)."""
+
+    def pair_loss(self, p, t, out, teach, batch):
+        return MF.sp_loss(*self.features(p, t, out, teach))
+
+
+@register("rkd")
+class RKD(_OneTap):
+    """Relational KD: distance_weight·RKD-D + angle_weight·RKD-A on the tap (default pre_logits), optionally on
+    L2-normalised embeddings (lenscloth/RKD's classification script); a component of weight 0 is not computed."""
+
+    def pair_loss(self, p, t, out, teach, batch):
+        c = self.cfg
+        z_s, z_t = (z.float().flatten(1) for z in self.features(p, t, out, teach))
+        if c.normalize:
+            z_s, z_t = F.normalize(z_s, dim=1), F.normalize(z_t, dim=1)
+        loss = z_s.new_zeros(())
+        if c.distance_weight:
+            loss = loss + c.distance_weight * MF.rkd_distance(z_s, z_t)
+        if c.angle_weight:
+            loss = loss + c.angle_weight * MF.rkd_angle(z_s, z_t)
+        return loss
+
+
+@register("pkt")
+class PKT(_OneTap):
+    """Probabilistic knowledge transfer: (cosine, row_l1, kl) on the tap (default pre_logits)."""
+
+    def pair_loss(self, p, t, out, teach, batch):
+        return MF.pkt_loss(*self.features(p, t, out, teach))
+
+
+@register("cc")
+class CC(_OneTap):
+    """Correlation congruence on the tap (default pre_logits). `repdistiller`: both sides pass through trainable
+    Linear embeddings to `embed_dim` (one pair per (peer, teacher), in the peers' optimizer; the teacher-side
+    one takes the detached teacher feature and is trained by this loss too, as in RepDistiller), then
+    mean_b Σ_c |Δ_b,c|·|Δ_b+1,c| with Δ = e_S − e_T. `rbf_taylor`: mse between the order-R Taylor-RBF
+    correlation matrices of the L2-normalised features (γ = 0.4, R = 2)."""
+
+    def __init__(self, cfg, ctx, key):
+        super().__init__(cfg, ctx, key)
+        if cfg.form == "repdistiller":
+            self.embed_s, self.embed_t = nn.ModuleDict(), nn.ModuleDict()
+            for p, t in self.pairs:
+                key_pt = self.pair_key(p, t)
+                self.embed_s[key_pt] = nn.Linear(math.prod(self.student_shape(p, self.tap)), cfg.embed_dim)
+                self.embed_t[key_pt] = nn.Linear(math.prod(self.teacher_shape(t, self.t_taps[t])), cfg.embed_dim)
+
+    def pair_loss(self, p, t, out, teach, batch):
+        z_s, z_t = self.features(p, t, out, teach)
+        if self.cfg.form == "rbf_taylor":
+            return MF.cc_rbf_taylor(z_s, z_t, self.cfg.gamma, self.cfg.order)
+        key = self.pair_key(p, t)
+        return MF.cc_repdistiller(self.embed_s[key](z_s.flatten(1)), self.embed_t[key](z_t.detach().flatten(1)))
