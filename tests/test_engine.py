@@ -206,7 +206,9 @@ def test_bf16_autocast_and_gradient_accumulation_run_on_cpu(tmp_path):
 
 
 # Teacher runs named by the shipped student configs, and the shipped config that trains each one
-TEACHER_CONFIGS = {"runs/cifar100_resnet32x4": "cifar100_teacher_resnet32x4", "runs/fm_teacher": "fashion_mnist_teacher"}
+TEACHER_CONFIGS = {"runs/cifar100_resnet32x4": "cifar100_teacher_resnet32x4", "runs/fm_teacher": "fashion_mnist_teacher",
+                   "runs/cifar100_resnet32x4_recon": "cifar100_teacher_resnet32x4_recon",
+                   "runs/lwkd_teacher_c100": "cifar100_teacher_lwkd_composed_digits"}
 
 
 @pytest.fixture(scope="module")
