@@ -501,29 +501,19 @@ class Config(Strict):
     placement: Literal["data_parallel", "peer_parallel"] = "data_parallel"
     tracking: TrackingConfig = TrackingConfig()
 
-    @field_validator("peers")
+    @field_validator("peers", "teachers")
     @classmethod
-    def _names(cls, peers: list[PeerConfig]) -> list[PeerConfig]:
+    def _names(cls, items: list, info) -> list:
+        """Default names `peer{i}` / `teacher{i}`; names must be unique."""
+        kind = info.field_name[:-1]
         seen = set()
-        for i, p in enumerate(peers):
-            if p.name is None:
-                p.name = f"peer{i}"
-            if p.name in seen:
-                raise ValueError(f"peers.{i}.name: duplicate peer name {p.name!r}")
-            seen.add(p.name)
-        return peers
-
-    @field_validator("teachers")
-    @classmethod
-    def _teacher_names(cls, teachers: list[TeacherConfig]) -> list[TeacherConfig]:
-        seen = set()
-        for i, t in enumerate(teachers):
-            if t.name is None:
-                t.name = f"teacher{i}"
-            if t.name in seen:
-                raise ValueError(f"teachers.{i}.name: duplicate teacher name {t.name!r}")
-            seen.add(t.name)
-        return teachers
+        for i, item in enumerate(items):
+            if item.name is None:
+                item.name = f"{kind}{i}"
+            if item.name in seen:
+                raise ValueError(f"{info.field_name}.{i}.name: duplicate {kind} name {item.name!r}")
+            seen.add(item.name)
+        return items
 
     @model_validator(mode="after")
     def _teachers_fit(self) -> Config:

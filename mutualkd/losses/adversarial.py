@@ -25,7 +25,7 @@ from mutualkd import placement
 from mutualkd.config import DiscriminatorConfig
 from mutualkd.errors import UserError
 from mutualkd.losses import functional as MF
-from mutualkd.losses.objective import Term, register
+from mutualkd.losses.objective import Term, TermRNG, register
 from mutualkd.losses.teacher import TeacherTerm, conv_regressor, last_stage
 
 
@@ -260,25 +260,14 @@ class LWKD(TeacherTerm):
             self.pair_key(p, t): Discriminator.for_probabilities(ctx.num_classes, cfg.hidden, cfg.discriminator)
             for p, t in self.pairs
         })
-        self.seed = ctx.seed * 1_000_003 + 0x4C574B44 + ctx.rank  # data ranks draw for their own shards
-        self.generator: torch.Generator | None = None
-        self._pending_state: torch.Tensor | None = None
+        self.rng = TermRNG(ctx.seed * 1_000_003 + 0x4C574B44 + ctx.rank)  # data ranks draw for their own shards
 
     def own_optimizer_parameters(self):
         return list(self.discriminators.parameters())
 
-    def _rng(self, device: torch.device) -> torch.Generator:
-        if self.generator is None or self.generator.device != device:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(self.seed)
-            if self._pending_state is not None:
-                self.generator.set_state(self._pending_state)
-                self._pending_state = None
-        return self.generator
-
     def teacher_logits(self, t: int, y: torch.Tensor) -> torch.Tensor:
         """[B, C] logits of teacher t on a fresh random image of each label in y (from its training set)."""
-        return self.teacher(t).from_labels(y, self._rng(y.device)).float()
+        return self.teacher(t).from_labels(y, self.rng(y.device)).float()
 
     def forward(self, out, batch, teach=None):
         cfg, y, z = self.cfg, batch["target"], out.logits.float()
@@ -303,8 +292,7 @@ class LWKD(TeacherTerm):
         return parts
 
     def get_extra_state(self):
-        state = self.generator.get_state() if self.generator is not None else self._pending_state
-        return {"generator": state} if state is not None else {}
+        return self.rng.state()
 
     def set_extra_state(self, state):
-        self.generator, self._pending_state = None, state.get("generator")
+        self.rng.load(state)

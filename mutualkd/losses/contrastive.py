@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mutualkd.errors import UserError
 from mutualkd.losses import functional as MF
-from mutualkd.losses.objective import Term, register
+from mutualkd.losses.objective import Term, TermRNG, register
 from mutualkd.placement import gather_batch, mean_over_ranks
 
 
@@ -147,24 +147,13 @@ class MCLOKD(_Contrastive):
         self.register_buffer("by_class", torch.argsort(targets, stable=True), persistent=False)
         self.register_buffer("starts", torch.cumsum(counts, 0) - counts, persistent=False)
         self.register_buffer("counts", counts, persistent=False)
-        self.seed = ctx.seed * 7919 + ctx.rank
-        self.generator: torch.Generator | None = None
-        self._pending_state: torch.Tensor | None = None
+        self.rng = TermRNG(ctx.seed * 7919 + ctx.rank)
         self._pending_update: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _rng(self, device: torch.device) -> torch.Generator:
-        if self.generator is None or self.generator.device != device:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(self.seed)
-            if self._pending_state is not None:
-                self.generator.set_state(self._pending_state)
-                self._pending_state = None
-        return self.generator
 
     def sample_negatives(self, y: torch.Tensor) -> torch.Tensor:
         """[B, K] indices drawn uniformly from the classes other than each anchor's own."""
         outside = (self.by_class.numel() - self.counts[y]).unsqueeze(1)  # N - n_y
-        u = torch.rand(y.shape[0], self.cfg.K, generator=self._rng(y.device), device=y.device)
+        u = torch.rand(y.shape[0], self.cfg.K, generator=self.rng(y.device), device=y.device)
         r = (u * outside).long().clamp_max(outside - 1)
         start = self.starts[y].unsqueeze(1)
         r = r + (r >= start) * self.counts[y].unsqueeze(1)  # skip the anchor's class block
@@ -196,8 +185,7 @@ class MCLOKD(_Contrastive):
         self.banks[:, idx] = F.normalize(mixed, dim=-1)
 
     def get_extra_state(self):
-        state = self.generator.get_state() if self.generator is not None else self._pending_state
-        return {"generator": state} if state is not None else {}
+        return self.rng.state()
 
     def set_extra_state(self, state):
-        self.generator, self._pending_state = None, state.get("generator")
+        self.rng.load(state)

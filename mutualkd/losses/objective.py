@@ -68,6 +68,32 @@ class Term(nn.Module):
         return []
 
 
+class TermRNG:
+    """A term's own random stream (negative sampling, LW-KD's draws): seeded from the config, created on the
+    device of its first use, checkpointed through the term's extra state so a resumed run draws the same."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.generator: torch.Generator | None = None
+        self._pending: torch.Tensor | None = None  # a restored state, applied when the generator is created
+
+    def __call__(self, device: torch.device) -> torch.Generator:
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(self.seed)
+            if self._pending is not None:
+                self.generator.set_state(self._pending)
+                self._pending = None
+        return self.generator
+
+    def state(self) -> dict:
+        state = self.generator.get_state() if self.generator is not None else self._pending
+        return {"generator": state} if state is not None else {}
+
+    def load(self, state: dict) -> None:
+        self.generator, self._pending = None, state.get("generator")
+
+
 def ramp_factor(ramp: Ramp, epoch: float) -> float:
     """Weight multiplier at fractional epoch `epoch`: linear t/L or ONE's exp(-5(1 - t/L)^2)."""
     if ramp.shape == "constant" or ramp.epochs == 0:
