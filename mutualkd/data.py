@@ -407,6 +407,14 @@ def _load_composed(cfg: dict[str, Any] | None) -> tuple[ImageTensors, ImageTenso
     return train, test, spec
 
 
+def load_configured(d, download: bool | None = None) -> Splits:
+    """`load_splits` for a `config.DataConfig` (`download` overrides the config's flag)."""
+    return load_splits(d.name, root=d.root, download=d.download if download is None else download,
+                       val_split=d.val_split, split_seed=d.split_seed, image_size=d.image_size,
+                       synthetic=d.synthetic.model_dump() if d.name == "synthetic" else None,
+                       composed=d.composed.model_dump() if d.name == "composed_digits" else None)
+
+
 def load_splits(name: str, root: str | None = None, download: bool = False, val_split: float = 0.1,
                 split_seed: int = 0, image_size: int | None = None,
                 synthetic: dict[str, Any] | None = None, composed: dict[str, Any] | None = None) -> Splits:

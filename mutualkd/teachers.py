@@ -48,11 +48,11 @@ class Teacher(nn.Module):
     """One frozen network with its input transform. `forward` takes the students' normalised batch."""
 
     def __init__(self, name: str, model: nn.Module, arch: str, num_classes: int, spec: InputSpec,
-                 students: InputSpec, source: str, data_cfg: C.DataConfig | None = None):
+                 students: InputSpec, data_cfg: C.DataConfig | None = None):
         from mutualkd.peers import PeerGroup
 
         super().__init__()
-        self.name, self.arch, self.num_classes, self.spec, self.source = name, arch, num_classes, spec, source
+        self.name, self.arch, self.num_classes, self.spec = name, arch, num_classes, spec
         self.data_cfg = data_cfg  # the dataset a run-directory teacher was trained on (LW-KD draws from it)
         holder = C.Config(peers=[C.PeerConfig(arch=arch, name=name)])
         self.net = PeerGroup(holder, num_classes, spec.in_chans, spec.image_size, models=[model])
@@ -60,7 +60,7 @@ class Teacher(nn.Module):
         self.eval()
         self.tap_shapes = self.net.tap_shapes[0]
         self._set_transform(students)
-        self._pool: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        self._pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # images, counts, starts
 
     def _set_transform(self, s: InputSpec) -> None:
         t = self.spec
@@ -144,15 +144,13 @@ class Teacher(nn.Module):
 
     def _load_pool(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This teacher's training images sorted by class, with per-class counts and start offsets."""
-        from mutualkd.data import ImageTensors, load_splits
+        from mutualkd.data import ImageTensors, load_configured
 
         d = self.data_cfg
         if d is None:
             raise UserError(f"teachers ({self.name}): drawing targets from labels needs a teacher trained with "
                             "mutualkd (a `run:` directory), whose training set it samples")
-        splits = load_splits(d.name, root=d.root, download=False, val_split=d.val_split, split_seed=d.split_seed,
-                             image_size=d.image_size, synthetic=d.synthetic.model_dump() if d.name == "synthetic" else None,
-                             composed=d.composed.model_dump() if d.name == "composed_digits" else None)
+        splits = load_configured(d, download=False)  # never fetch at run time for a teacher
         if not isinstance(splits.train, ImageTensors):
             raise UserError(f"teachers ({self.name}): its dataset {d.name!r} is not held in memory; LW-KD needs one")
         targets = splits.train.targets
@@ -175,14 +173,19 @@ def _peer_index(value: int | str, names: list[str], where: str) -> int:
 
 
 def _from_run(t: C.TeacherConfig, where: str):
-    from mutualkd.runs import checkpoint_path, group_from_state
+    from mutualkd.runs import group_from_state
 
     cfg, state, group = group_from_state(Path(t.run), t.checkpoint)
     k = _peer_index(t.peer, cfg.peer_names, where)
     spec = state["data_spec"]
     inputs = InputSpec(spec["in_chans"], tuple(spec["image_size"]), tuple(spec["mean"]), tuple(spec["std"]))
-    source = f"{checkpoint_path(Path(t.run), t.checkpoint)} peer {cfg.peer_names[k]}"
-    return group.peer_model(k), group.archs[k], spec["num_classes"], inputs, source, cfg.data
+    return group.peer_model(k), group.archs[k], spec["num_classes"], inputs, cfg.data
+
+
+def _channels_and_kwargs(t: C.TeacherConfig, default: int) -> tuple[int, dict]:
+    """(input channels: `model_kwargs.in_chans` or `default`, the other model kwargs)."""
+    kwargs = dict(t.model_kwargs)
+    return int(kwargs.pop("in_chans", default)), kwargs
 
 
 def _from_file(t: C.TeacherConfig, where: str, num_classes: int, students: InputSpec):
@@ -206,8 +209,7 @@ def _from_file(t: C.TeacherConfig, where: str, num_classes: int, students: Input
     check_arch(arch, f"{where}.arch")
     pcfg = json.loads(meta["pretrained_cfg"]) if "pretrained_cfg" in meta else {}
     classes = t.num_classes or pcfg.get("num_classes") or num_classes
-    in_chans = pcfg["input_size"][0] if "input_size" in pcfg else int(t.model_kwargs.get("in_chans", students.in_chans))
-    kwargs = {k: v for k, v in t.model_kwargs.items() if k != "in_chans"}
+    in_chans, kwargs = _channels_and_kwargs(t, pcfg["input_size"][0] if "input_size" in pcfg else students.in_chans)
     model = create_peer(arch, classes, in_chans, **kwargs)
     try:
         model.load_state_dict(tensors)
@@ -216,15 +218,14 @@ def _from_file(t: C.TeacherConfig, where: str, num_classes: int, students: Input
                         f"channels ({first_line(err, 200)})") from None
     size = tuple(pcfg["input_size"][1:]) if "input_size" in pcfg else students.image_size
     inputs = InputSpec(in_chans, size, tuple(pcfg.get("mean", students.mean)), tuple(pcfg.get("std", students.std)))
-    return model, arch, classes, inputs, str(path), None
+    return model, arch, classes, inputs, None
 
 
 def _from_arch(t: C.TeacherConfig, where: str, num_classes: int, students: InputSpec):
     from mutualkd.peers import check_arch, create_peer
 
     check_arch(t.arch, f"{where}.arch")
-    in_chans = int(t.model_kwargs.get("in_chans", 3 if t.pretrained else students.in_chans))
-    kwargs = {k: v for k, v in t.model_kwargs.items() if k != "in_chans"}
+    in_chans, kwargs = _channels_and_kwargs(t, 3 if t.pretrained else students.in_chans)
     classes = t.num_classes or (None if t.pretrained else num_classes)  # pretrained: keep the hub head
     model = create_peer(t.arch, classes, in_chans, t.pretrained, **kwargs)
     if t.pretrained:
@@ -233,7 +234,7 @@ def _from_arch(t: C.TeacherConfig, where: str, num_classes: int, students: Input
         mean, std = (students.mean, students.std) if in_chans == students.in_chans else (
             (sum(students.mean) / len(students.mean),) * in_chans, (sum(students.std) / len(students.std),) * in_chans)
     inputs = InputSpec(in_chans, students.image_size, mean, std)
-    return model, t.arch, model.num_classes, inputs, f"timm {t.arch}" + (" (pretrained)" if t.pretrained else ""), None
+    return model, t.arch, model.num_classes, inputs, None
 
 
 def load_teacher(t: C.TeacherConfig, i: int, spec: DataSpec) -> Teacher:
@@ -241,11 +242,11 @@ def load_teacher(t: C.TeacherConfig, i: int, spec: DataSpec) -> Teacher:
     where = f"teachers.{i}"
     students = InputSpec(spec.in_chans, tuple(spec.image_size), tuple(spec.mean), tuple(spec.std))
     if t.run is not None:
-        model, arch, classes, inputs, source, data_cfg = _from_run(t, where)
+        model, arch, classes, inputs, data_cfg = _from_run(t, where)
     elif t.file is not None:
-        model, arch, classes, inputs, source, data_cfg = _from_file(t, where, spec.num_classes, students)
+        model, arch, classes, inputs, data_cfg = _from_file(t, where, spec.num_classes, students)
     else:
-        model, arch, classes, inputs, source, data_cfg = _from_arch(t, where, spec.num_classes, students)
+        model, arch, classes, inputs, data_cfg = _from_arch(t, where, spec.num_classes, students)
     if t.mean is not None or t.std is not None or t.image_size is not None:
         mean = tuple(t.mean) if t.mean is not None else inputs.mean
         std = tuple(t.std) if t.std is not None else inputs.std
@@ -253,7 +254,7 @@ def load_teacher(t: C.TeacherConfig, i: int, spec: DataSpec) -> Teacher:
             raise UserError(f"{where}.mean/std: {len(mean)}/{len(std)} values for a {inputs.in_chans}-channel teacher")
         size = (t.image_size, t.image_size) if t.image_size else inputs.image_size
         inputs = InputSpec(inputs.in_chans, size, mean, std)
-    return Teacher(t.name, model, arch, classes, inputs, students, source, data_cfg)
+    return Teacher(t.name, model, arch, classes, inputs, students, data_cfg)
 
 
 class TeacherSet(nn.Module):

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from mutualkd import config as C
 from mutualkd import placement
-from mutualkd.data import BatchAugment, Splits, TrainBatchSampler, load_splits, make_train_loader
+from mutualkd.data import BatchAugment, Splits, TrainBatchSampler, load_configured, make_train_loader
 from mutualkd.engine import checkpoint
 from mutualkd.engine.evaluate import evaluate
 from mutualkd.engine.optim import build_optimizer, build_scheduler
@@ -79,10 +79,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def build(cfg: C.Config, accelerator: Accelerator) -> Built:
     """Data, peers and objective from the config; every user error surfaces here, before training."""
     d = cfg.data
-    splits = load_splits(d.name, root=d.root, download=d.download, val_split=d.val_split, split_seed=d.split_seed,
-                         image_size=d.image_size,
-                         synthetic=d.synthetic.model_dump() if d.name == "synthetic" else None,
-                         composed=d.composed.model_dump() if d.name == "composed_digits" else None)
+    splits = load_configured(d)
     spec = splits.spec
     placement.configure(cfg.placement)
     group = PeerGroup(cfg, spec.num_classes, spec.in_chans, spec.image_size,

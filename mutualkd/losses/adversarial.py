@@ -248,11 +248,9 @@ class LWKD(TeacherTerm):
         if cfg.weight == 0:
             raise UserError(f"{key}.weight: lwkd's weight is α and must be > 0 (the adversarial part is scaled by "
                             "adversarial_weight/α); leave the term out instead")
+        self.require_classes(ctx.num_classes, "LW-KD needs the same classes C on both sides (METHODS.md §2.10)")
         for t in sorted({t for _, t in self.pairs}):
             teacher = self.teacher(t)
-            if teacher.num_classes != ctx.num_classes:
-                raise UserError(f"{key} (lwkd): {teacher.name} has {teacher.num_classes} classes, the peers "
-                                f"{ctx.num_classes}: LW-KD needs the same classes C on both sides (METHODS.md §2.10)")
             if teacher.data_cfg is None:
                 raise UserError(f"{key} (lwkd): {teacher.name} must be a mutualkd run directory (teachers.{t}.run): "
                                 "LW-KD draws its inputs from the dataset the teacher was trained on")

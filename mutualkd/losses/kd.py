@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from mutualkd.errors import UserError
 from mutualkd.losses import functional as MF
 from mutualkd.losses.objective import register
 from mutualkd.losses.teacher import TeacherTerm
@@ -18,10 +17,7 @@ class KD(TeacherTerm):
     def __init__(self, cfg, ctx, key):
         super().__init__(cfg, ctx, key)
         self.teacher_taps = {"logits"}
-        for t in sorted({t for _, t in self.pairs}):
-            if self.teacher(t).num_classes != ctx.num_classes:
-                raise UserError(f"{key} (kd): {self.teacher(t).name} has {self.teacher(t).num_classes} classes, the "
-                                f"peers {ctx.num_classes}: KD needs the same classes C on both sides (METHODS.md §2.11)")
+        self.require_classes(ctx.num_classes, "KD needs the same classes C on both sides (METHODS.md §2.11)")
 
     def forward(self, out, batch, teach=None):
         z, T, d = out.logits.float(), self.cfg.T, self.cfg.direction

@@ -76,6 +76,13 @@ class TeacherTerm(Term):
         ids = {self.fixed} if self.fixed is not None else {t for ts in assignment for t in ts}
         return {t: set(self.teacher_taps) for t in ids}
 
+    def require_classes(self, num_classes: int, rule: str) -> None:
+        """Build-time check that every teacher this term may use has the peers' classes (logit-level methods)."""
+        for t in sorted({t for _, t in self.pairs}):
+            if self.teacher(t).num_classes != num_classes:
+                raise UserError(f"{self.key} ({self.cfg.name}): {self.teacher(t).name} has {self.teacher(t).num_classes} "
+                                f"classes, the peers {num_classes}: {rule}")
+
     # ---------------------------------------------------------------------------------------- taps, shapes
     def student_shape(self, p: int, tap: str) -> tuple[int, ...]:
         return self.peer_shapes[p][tap]
