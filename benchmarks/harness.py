@@ -1,19 +1,18 @@
 """Measure one scenario: images/s, step-time breakdown, peak memory and the peer-group overhead ratio.
 
-One training step is the step of `mutualkd.engine.trainer.train` (one process, grad_accum 1), rebuilt here
-from the engine's own pieces (`trainer.build`, `placement`, `TrainBatchSampler` + `make_train_loader`,
-`build_optimizer`, `build_scheduler`, `accelerator.prepare` / `autocast` / `backward`,
-`objective.after_backward`, `torch.compile` when `train.compile` is set), with timer marks between its phases:
+One training step is `mutualkd.engine.trainer.Trainer.train_step`, the trainer's own step (what `mutualkd
+train` runs), on a `Trainer` built from the scenario's config; its phase hooks mark the timer:
 
     data       next batch from the loader, host-to-device copy, batched augmentation
-    forward    group(inputs)
-    losses     objective(out, batch, epoch) + the trainer's per-step log accumulation, and
-               `objective.after_backward()` (or the terms' own hooks; memory-bank updates), which runs after
-               backward; its time is added here
+    forward    the peer group's forward (placement exchange included) and the frozen teachers' forward
+    losses     the terms' own update phases (discriminators: loss, backward, step), the objective and the
+               log accumulation, and the after-step hooks (memory-bank updates), whose time is added here
     backward   accelerator.backward(loss)
-    optimizer  (grad clipping) + optimizer.step() + scheduler.step() + optimizer.zero_grad(set_to_none=True)
+    optimizer  gradient averaging of the loss adapters, clipping, optimizer.step(), zero_grad; the lr
+               schedule's step is added to `losses` with the after-step hooks
 
-Not included: the trainer's metric flush every `train.log_every` steps (one host sync), progress bar,
+With DML's alternating updates a step has one forward / losses / backward / optimizer per peer; each phase's
+pieces add up. Not included: the metric flush every `train.log_every` steps (one host sync), progress bar,
 checkpoints, evaluation.
 
 The single-model baseline for a peer is the same step with that peer alone (topology independent, no
@@ -252,16 +251,17 @@ class MemoryMonitor:
 
 # ------------------------------------------------------------------------------------------ runners
 def single_model_config(cfg, peer: int):
-    """The baseline for peer `peer`: that peer alone, independent, no head, only the `ce` term."""
-    from mutualkd.config import CETerm, validate
+    """The baseline for peer `peer`: that peer alone, independent, no head, no teachers, only the `ce` term."""
+    from mutualkd.config import validate
 
     tree = cfg.model_dump(mode="python")
     tree["peers"] = [tree["peers"][peer]]
     tree["topology"] = {"kind": "independent"}
     tree["embedding"] = {**tree["embedding"], "head": "none"}
     ce = [t for t in tree["objective"]["terms"] if t["name"] == "ce"]
-    tree["objective"] = {"terms": ce[:1] or [CETerm(name="ce").model_dump(mode="python")]}
+    tree["objective"] = {"terms": ce[:1] or [{"name": "ce"}]}
     tree["data"]["views"] = "shared"
+    tree["teachers"], tree["teacher_policy"] = [], {}
     return validate(tree, source=f"single-model baseline of peer {peer}")
 
 
@@ -273,110 +273,46 @@ def _data_key(cfg) -> dict:
 
 @dataclass
 class Runner:
-    """One trainable set-up (a peer group or a single model) and its own data stream, stepped like the trainer."""
+    """One trainable set-up (a peer group or a single model): a `Trainer` and its own data stream."""
 
     label: str
     cfg: object
-    accelerator: object
     share_data_with: "Runner | None" = None  # reuse that runner's datasets when the data config is the same
-    built: object = None
+    trainer: object = None
     steps_done: int = 0
     records: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
-        from mutualkd import placement
-        from mutualkd.data import TrainBatchSampler, make_train_loader
-        from mutualkd.engine.optim import build_optimizer, build_scheduler
-        from mutualkd.engine.trainer import build, seed_everything
+        from mutualkd.engine.trainer import Trainer
 
-        cfg, acc = self.cfg, self.accelerator
-        seed_everything(cfg.seed, cfg.train.deterministic)
-        self.built = b = build(cfg, acc)
         other = self.share_data_with
-        if other is not None and _data_key(other.cfg) == _data_key(cfg):
-            b.splits = other.built.splits  # same seed, same images: drop this copy (memory figures stay clean)
-        self.device = acc.device
-        self.P = len(cfg.peers)
-        data_rank, data_size = placement.data_world()  # build() configured the placement
-        self.peer_parallel = cfg.placement == "peer_parallel"
-        self.sampler = TrainBatchSampler(b.splits.train.targets, cfg.data.batch_size, seed=cfg.seed,
-                                         kind=cfg.data.sampler, m=cfg.data.m_per_class, rank=data_rank,
-                                         world_size=data_size)
-        self.loader = make_train_loader(b.splits.train, self.sampler, cfg.data.num_workers)
-        self.optimizer = build_optimizer(list(b.group.parameters()) + list(b.objective.parameters()), cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train, len(self.sampler))
-        if self.peer_parallel:
-            self.group, self.optimizer = b.group, acc.prepare(self.optimizer)
-        else:
-            self.group, self.optimizer = acc.prepare(b.group, self.optimizer)
-        if getattr(cfg.train, "compile", False):
-            self.group = torch.compile(self.group)
-        self.aug_rng = torch.Generator(device=self.device)
-        self.aug_rng.manual_seed(cfg.seed * 1_000_003 + data_rank)
-        # Objective.after_backward when the engine has it (what the trainer calls), else the terms' own hooks
-        hook = getattr(b.objective, "after_backward", None)
-        self.hooks = [hook] if callable(hook) else [
-            h for h in (getattr(t, "after_backward", None) for t in b.objective.terms) if callable(h)]
-        self.epoch = 0
-        self.sampler.set_epoch(0)
-        self._it = iter(self.loader)
-        self._i = 0  # batch index within the epoch
-        self.sums: dict[str, torch.Tensor] = {}
-        self.group.train()
+        same = other is not None and _data_key(other.cfg) == _data_key(self.cfg)
+        # same seed, same images: one copy of the data (memory figures stay clean)
+        self.trainer = Trainer(self.cfg, splits=other.trainer.splits if same else None)
+        self.accelerator, self.device = self.trainer.accelerator, self.trainer.device
+        self.trainer.model.train()
+        self._batches = self.trainer.epoch_batches()
 
-    def _next_batch(self) -> dict:
+    def _next_batches(self) -> list[dict]:
         try:
-            batch = next(self._it)
-        except StopIteration:
-            self.epoch += 1
-            self.sampler.set_epoch(self.epoch)
-            self._it, self._i = iter(self.loader), 0
-            batch = next(self._it)
-        self._i += 1
-        return batch
+            return next(self._batches)
+        except StopIteration:  # the epoch is over: the next one (no evaluation here)
+            state = self.trainer.state
+            state.epoch, state.batch = state.epoch + 1, 0
+            self._batches = self.trainer.epoch_batches()
+            return next(self._batches)
 
     def step(self, timer: StepTimer) -> dict[str, float]:
-        """One optimizer step of `trainer.train` (grad_accum 1, one process), timed phase by phase."""
-        from mutualkd import placement
-
-        cfg, b, acc, dev = self.cfg, self.built, self.accelerator, self.device
+        """One optimizer step of the trainer (`Trainer.train_step`), timed phase by phase."""
         timer.start()
-        batch = self._next_batch()
-        x = batch["image"].to(dev, non_blocking=True)
-        batch = {"target": batch["target"].to(dev), "index": batch["index"].to(dev)}
-        if cfg.data.views == "per_peer":  # every peer's view is drawn; each rank runs its own peers
-            views = b.augment.views(x, self.P, self.aug_rng)
-            inputs = [views[p] for p in b.group.index]
-        else:
-            inputs = b.augment(x, self.aug_rng, train=True)
-        timer.mark("data")
-        with acc.autocast():
-            out = placement.exchange(self.group(inputs))
-            timer.mark("forward")
-            losses = b.objective(out, batch, self.epoch + (self._i - 1) / len(self.sampler))
-        for k, v in losses["logs"].items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        timer.mark("losses")
-        acc.backward(losses["loss"] * placement.loss_scale())
-        timer.mark("backward")
-        for hook in self.hooks:
-            hook()
-        timer.mark("losses")
-        if cfg.train.clip_grad_norm:
-            if self.peer_parallel:
-                acc.unscale_gradients()
-                placement.clip_grad_norm_(b.group.parameters(), cfg.train.clip_grad_norm)
-            else:
-                acc.clip_grad_norm_(self.group.parameters(), cfg.train.clip_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        timer.mark("optimizer")
+        logs = self.trainer.train_step(self._next_batches(), mark=timer.mark)
+        rec = timer.finish()
         self.steps_done += 1
-        self.last_loss = losses["logs"]["loss"]
-        if self.steps_done % cfg.train.log_every == 0:  # the trainer flushes (with a host sync) here; not timed
-            self.sums = {}
-        return timer.finish()
+        self.last_loss = logs["loss"]
+        state = self.trainer.state
+        if state.step % self.cfg.train.log_every == 0:  # the loop's (host-syncing) log flush; not timed
+            state.sums, state.n_logged = {}, 0
+        return rec
 
     def run(self, n: int, timer: StepTimer, round_index: int | None) -> None:
         for _ in range(n):
@@ -439,8 +375,6 @@ def run_scenario(name: str, overrides: list[str], config_path: str | None = None
                  device: str | None = None, dedup_singles: bool = True, description: str = "",
                  log=None) -> dict:
     """Measure one scenario in this process and return its result record (JSON-ready)."""
-    from mutualkd.engine.trainer import make_accelerator
-
     if steps < 1 or rounds < 1 or warmup < 0:
         raise ValueError("steps and rounds must be >= 1, warmup >= 0")
     say = log or (lambda *_: None)
@@ -450,9 +384,8 @@ def run_scenario(name: str, overrides: list[str], config_path: str | None = None
     try:
         t_build = time.perf_counter()
         cfg, all_overrides = resolve_config(config_path, overrides, batch_size, device)
-        accelerator = make_accelerator(cfg)
-        dev = accelerator.device
-        group = Runner("group", cfg, accelerator)
+        group = Runner("group", cfg)
+        accelerator, dev = group.accelerator, group.device
         # one baseline per distinct (arch, kwargs, pretrained) unless asked to measure every peer separately
         keys = [(p.arch, tuple(sorted(p.model_kwargs.items())), p.pretrained) for p in cfg.peers]
         owners: list[int] = []  # peer index -> index into singles
@@ -464,7 +397,7 @@ def run_scenario(name: str, overrides: list[str], config_path: str | None = None
                 continue
             first_of.setdefault(key, len(singles))
             owners.append(len(singles))
-            singles.append(Runner(f"single:{cfg.peers[i].name}", single_model_config(cfg, i), accelerator, group))
+            singles.append(Runner(f"single:{cfg.peers[i].name}", single_model_config(cfg, i), group))
         build_s = time.perf_counter() - t_build
         build_peak = lifetime_peak_rss_bytes() if dev.type == "cpu" else None  # before any VmHWM reset
         gc.collect()
@@ -600,16 +533,13 @@ def profile_scenario(name: str, overrides: list[str], config_path: str | None = 
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from mutualkd.engine.trainer import make_accelerator
-
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         cfg, all_overrides = resolve_config(config_path, overrides, batch_size, device)
-        accelerator = make_accelerator(cfg)
-        dev = accelerator.device
-        group = Runner("group", cfg, accelerator)
+        group = Runner("group", cfg)
+        dev = group.device
         timer = StepTimer(dev)
         group.run(warmup, timer, None)
         group.records = []

@@ -10,22 +10,22 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    SerializeAsAny,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from mutualkd.errors import UserError
-
-DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic", "composed_digits")
-
 
 class Strict(BaseModel):
     """No unknown keys, no silent type coercion (ints are accepted where floats are expected)."""
@@ -49,6 +49,13 @@ class ComposedConfig(Strict):
 
     num_classes: int = Field(10, ge=2, le=100)
     image_size: int = Field(16, ge=8)
+
+    @field_validator("image_size")
+    @classmethod
+    def _fits(cls, size: int, info) -> int:
+        if info.data.get("num_classes", 10) > 10 and size < 16:
+            raise ValueError(f"two-digit classes (num_classes > 10) need image_size >= 16, got {size}")
+        return size
 
 
 class DataConfig(Strict):
@@ -141,277 +148,50 @@ class Ramp(Strict):
     epochs: float = Field(0.0, ge=0.0)  # ramp length L
 
 
-class TermBase(Strict):
+class TermConfig(Strict):
+    """Base of every term's config schema. Each term's module declares its own subclass (with
+    `name: Literal["<name>"] = "<name>"`) and registers it with the term (`mutualkd.registry`); the weight is
+    quoted with the term's reduction (METHODS.md §0.2)."""
+
+    name: str
     weight: float = Field(1.0, ge=0.0)
     ramp: Ramp = Ramp()
 
+    teacher_fields: ClassVar[tuple[str, ...]] = ()  # fields that name a teacher of `teachers:`
 
-class CETerm(TermBase):
-    """Cross-entropy of every peer, summed over peers, mean over the batch."""
+    def check(self, cfg: Config, key: str) -> None:
+        """Cross-checks against the whole config, at validation time; raise ValueError("<key>...: why")."""
 
-    name: Literal["ce"]
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    @property
+    def updates_peers_in_turn(self) -> bool:
+        """True when a step updates the peers one after another (each update reaching only some parameters)."""
+        return False
 
 
-class DMLTerm(TermBase):
-    """DML: each peer's KL toward every other peer (METHODS §1.1); summed over peers."""
+def _term_config(value: Any) -> Any:
+    """A raw term mapping -> the registered schema of its `name` (the union of `objective.terms`)."""
+    if not isinstance(value, dict):
+        return value
+    from mutualkd.registry import TERMS
 
-    name: Literal["dml"]
-    T: float = Field(1.0, gt=0.0)
-    reduction: Literal["mean", "sum"] = "mean"  # rho = 1/(P-1) ("mean", reconstructed) or 1 (official)
+    names = ", ".join(map(repr, TERMS.names()))
+    name = value.get("name")
+    if name is None:
+        raise PydanticCustomError("term_name_missing", "a term needs a name; expected one of {names}", {"names": names})
+    spec = TERMS.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise PydanticCustomError("unknown_term", "unknown term {name}; expected one of {names} (a plugin's term? "
+                                  "load it with --plugin FILE)", {"name": repr(name), "names": names})
+    return spec.config.model_validate(value)
 
 
-class DOTTerm(TermBase):
-    """Ensemble distillation (MCL-OKD's DOT, METHODS §1.6): KD from the detached mean logits."""
+TermItem = SerializeAsAny[Annotated[TermConfig, BeforeValidator(_term_config)]]
 
-    name: Literal["dot"]
-    T: float = Field(3.0, gt=0.0)
-    targets: Literal["last", "all"] = "last"  # which peers are distilled
 
+def _default_terms() -> list[TermConfig]:
+    from mutualkd.registry import TERMS
 
-class MCLTerm(TermBase):
-    """MCL in-batch contrast (METHODS §1.7): VCL, ICL and their soft forms, over all ordered pairs."""
-
-    name: Literal["mcl"]
-    tau: float = Field(0.1, gt=0.0)
-    T: float = Field(3.0, gt=0.0)  # soft-form temperature
-    vcl: float = Field(0.1, ge=0.0)  # alpha
-    icl: float = Field(0.1, ge=0.0)  # beta
-    soft_vcl: float = Field(1.0, ge=0.0)  # gamma
-    soft_icl: float = Field(1.0, ge=0.0)  # lambda
-    pair_reduction: Literal["mean", "sum"] = "mean"  # rho = 1/(P-1) (Gap for P > 2) or 1
-    icl_self_positive: bool = False
-    soft_t2: bool = True  # the T^2 factor on the soft terms [reconstructed]
-    global_batch: bool = True  # data-parallel: contrast over the all-gathered global batch
-
-
-class MCLOKDTerm(TermBase):
-    """MCL-OKD memory-bank NCE (METHODS §1.6): peer j's embedding against peer i's bank, i != j."""
-
-    name: Literal["mcl_okd"]
-    weight: float = Field(0.025, ge=0.0)  # beta, with pair_reduction "sum"
-    tau: float = Field(0.1, gt=0.0)
-    K: int = Field(256, ge=1)  # negatives per anchor, drawn from other classes
-    momentum: float = Field(0.5, ge=0.0, lt=1.0)
-    pair_reduction: Literal["sum", "mean"] = "sum"
-    eps: float = Field(1e-7, gt=0.0)
-    nce_global_norm: bool = True  # data-parallel: the normaliser's mean over all ranks
-
-
-# ------------------------------------------------------------------- teacher -> peer terms (METHODS §2)
-class TeacherTermBase(TermBase):
-    """A loss from frozen offline teachers to every peer (summed over peers).
-
-    `teacher`: the one teacher this term uses; None: the teachers `teacher_policy` picks for each peer and step.
-    Taps are named as in the peer group (`stem`, `stage1..S`, `pre_logits`, `logits`, or `feature{i}`);
-    `teacher_tap` None means the same name as the student's.
-    """
-
-    teacher: str | None = None
-
-
-class KDTerm(TeacherTermBase):
-    """Hinton KD (METHODS §2.1): T²·batchmean KL(softmax(sg(t)/T) ‖ softmax(z/T)); RepDistiller: CE 0.1 + KD 0.9."""
-
-    name: Literal["kd"]
-    weight: float = Field(0.9, ge=0.0)
-    T: float = Field(4.0, gt=0.0)
-    direction: Literal["forward", "reverse"] = "forward"  # reverse: KL(p_S ‖ p_T) (METHODS §3)
-    average: Literal["logits", "loss"] = "logits"  # several teachers: KD to the mean logits, or mean of KD terms
-
-
-class FitNetTerm(TeacherTermBase):
-    """FitNets hint (METHODS §2.2): β·mean((r(F_S) − sg(F_T))²) with a trainable regressor r, β = 100."""
-
-    name: Literal["fitnet"]
-    weight: float = Field(100.0, ge=0.0)
-    tap: str | None = None  # None: the middle stage, stage((S+1)//2) (RepDistiller hint_layer = 2)
-    teacher_tap: str | None = None
-    paper_form: bool = False  # [reconstructed] ½‖r(F_S) − F_T‖² summed per sample, batch mean
-
-
-class ATTerm(TeacherTermBase):
-    """Attention transfer (METHODS §2.3): β·Σ_l mean_{b,hw}(Q_S − Q_T)², β = 1000, every stage by default."""
-
-    name: Literal["at"]
-    weight: float = Field(1000.0, ge=0.0)
-    taps: list[str] | None = None  # None: stage1..S
-    teacher_taps: list[str] | None = None  # None: the names in `taps`, or the teacher's own stage1..S
-    p: float = Field(2.0, gt=0.0)
-    paper_norm: bool = False  # [reconstructed] (β/2)·‖Q_S − Q_T‖₂ per sample (not squared), batch mean
-
-
-class FSPTerm(TeacherTermBase):
-    """FSP (METHODS §2.4): λ·Σ_pairs mean(G_S − G_T)², λ = 50, G over consecutive taps (stem, stage1..S)."""
-
-    name: Literal["fsp"]
-    weight: float = Field(50.0, ge=0.0)
-    taps: list[str] | None = None  # None: stem, stage1, ..., stageS; G for each consecutive pair
-    teacher_taps: list[str] | None = None  # None: the names in `taps`, or the teacher's own stem, stage1..S
-    adapter: Literal["none", "conv1x1"] = "none"  # Gap: none errors at build time when channels differ
-
-
-class NSTTerm(TeacherTermBase):
-    """Neuron selectivity transfer (METHODS §2.5): λ·mean_b MMD², λ = 50 (RepDistiller), last stage."""
-
-    name: Literal["nst"]
-    weight: float = Field(50.0, ge=0.0)
-    tap: str | None = None  # None: the last stage
-    teacher_tap: str | None = None
-    kernel: Literal["poly", "linear", "gaussian"] = "poly"
-    degree: int = Field(2, ge=1)
-    c: float = 0.0
-
-
-class RelationTerm(TeacherTermBase):
-    """The relation framework (METHODS §2.6): w·ℓ(N(A(Z_S)), sg(N(A(Z_T)))) on one tap, B×B."""
-
-    name: Literal["relation"]
-    tap: str = "pre_logits"
-    teacher_tap: str | None = None
-    affinity: Literal["dot", "cosine", "euclidean", "gaussian"] = "cosine"
-    normalisation: Literal["none", "row_l2", "mean", "row_l1", "row_softmax"] = "row_l1"
-    loss: Literal["mse", "l1", "smooth_l1", "kl"] = "kl"
-    tau: float = Field(1.0, gt=0.0)  # row_softmax temperature [reconstructed]
-    gamma: float = Field(1.0, gt=0.0)  # gaussian affinity
-    global_batch: bool = True  # data-parallel: relations over the all-gathered global batch (METHODS §0.5)
-
-
-class SPTerm(TeacherTermBase):
-    """Similarity preserving (METHODS §2.6): (dot, row_l2, mse) on the flattened last-stage map, weight 3000."""
-
-    name: Literal["sp"]
-    weight: float = Field(3000.0, ge=0.0)
-    tap: str | None = None  # None: the last stage
-    teacher_tap: str | None = None
-    global_batch: bool = True  # data-parallel: relations over the all-gathered global batch (METHODS §0.5)
-
-
-class RKDTerm(TeacherTermBase):
-    """RKD (METHODS §2.6): distance_weight·RKD-D + angle_weight·RKD-A on the pooled embedding (RepDistiller 25, 50)."""
-
-    name: Literal["rkd"]
-    tap: str = "pre_logits"
-    teacher_tap: str | None = None
-    distance_weight: float = Field(25.0, ge=0.0)
-    angle_weight: float = Field(50.0, ge=0.0)
-    normalize: bool = False  # lenscloth/RKD's classification script L2-normalises the embeddings
-    global_batch: bool = True  # data-parallel: relations over the all-gathered global batch (METHODS §0.5)
-
-
-class PKTTerm(TeacherTermBase):
-    """PKT (METHODS §2.6): (cosine, row_l1, kl) on the pooled embedding, weight 30000."""
-
-    name: Literal["pkt"]
-    weight: float = Field(30000.0, ge=0.0)
-    tap: str = "pre_logits"
-    teacher_tap: str | None = None
-    global_batch: bool = True  # data-parallel: relations over the all-gathered global batch (METHODS §0.5)
-
-
-class CCTerm(TeacherTermBase):
-    """Correlation congruence (METHODS §2.6), `form` repdistiller (weight 0.02) or rbf_taylor (weight 100)."""
-
-    name: Literal["cc"]
-    weight: float | None = Field(None, ge=0.0)  # None: 0.02 (repdistiller) or 100 (rbf_taylor)
-    form: Literal["repdistiller", "rbf_taylor"] = "repdistiller"
-    tap: str = "pre_logits"
-    teacher_tap: str | None = None
-    embed_dim: int = Field(128, ge=1)  # repdistiller: trainable Linear embeddings on both sides [reconstructed]
-    gamma: float = Field(0.4, gt=0.0)  # rbf_taylor
-    order: int = Field(2, ge=0)  # rbf_taylor
-    global_batch: bool = True  # data-parallel: relations over the all-gathered global batch (METHODS §0.5)
-
-    @model_validator(mode="after")
-    def _form_weight(self) -> CCTerm:
-        if self.weight is None:
-            self.weight = 0.02 if self.form == "repdistiller" else 100.0
-        return self
-
-
-class AdaINTerm(TeacherTermBase):
-    """AdaIN statistics transfer (METHODS §2.7, reconstructed): weight = λ_ada on Σ_l L_AdaIN, plus
-    feat_weight = λ_feat on the connector's FitNet-style loss at the last tap."""
-
-    name: Literal["adain"]
-    weight: float = Field(100.0, ge=0.0)
-    feat_weight: float = Field(100.0, ge=0.0)
-    taps: list[str] | None = None  # None: the last two stages
-    teacher_taps: list[str] | None = None  # None: the names in `taps`, or the teacher's own last two stages
-    head: Literal["next_stage", "logits"] = "next_stage"
-    T: float = Field(4.0, gt=0.0)  # head=logits: KD temperature
-    statistics_only: bool = False  # ablation baseline: mean ‖μ_S − μ_T‖² + ‖σ_S − σ_T‖² through the connector
-
-
-class AMATerm(TeacherTermBase):
-    """Activation-map adaptation (METHODS §2.8, reconstructed): a trainable M_φ replaces the teacher's stage k+1;
-    the student matches A = M_φ(T_front(x)) through a regressor (weight λ = 100); M_φ learns CE(T_back(A), y)."""
-
-    name: Literal["ama"]
-    weight: float = Field(100.0, ge=0.0)
-    stage: int | None = Field(None, ge=1)  # k: None = the middle stage; M_φ replaces teacher stage k+1
-    width: Literal["student", "teacher"] = "student"  # M_φ's hidden width: the student's stage-(k+1) channels
-    kernel_size: Literal[1, 3] = 3
-    module_ce_weight: float = Field(1.0, ge=0.0)  # M_φ's CE through the frozen teacher remainder
-    module_kd_weight: float = Field(0.0, ge=0.0)  # optional KD from the original teacher logits into T_back(A)
-    T: float = Field(4.0, gt=0.0)
-
-
-class DiscriminatorConfig(Strict):
-    """Discriminators always have their own optimizer (METHODS §1.10 Gap: Adam 2e-4, β (0.5, 0.999), wd 0)."""
-
-    lr: float = Field(2e-4, gt=0.0)
-    betas: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field([0.5, 0.999], min_length=2, max_length=2)
-    weight_decay: float = Field(0.0, ge=0.0)
-
-
-class ComplementaryTerm(TeacherTermBase):
-    """Complementary features (METHODS §2.9, reconstructed): alignment block A on the last stage;
-    feature_weight·mean(A(E_S) − sg(E_T))² + adversarial_weight·BCE(D(A(E_S)), real), D alternating on its own."""
-
-    name: Literal["complementary"]
-    weight: float = Field(1.0, ge=0.0)
-    feature_weight: float = Field(100.0, ge=0.0)  # λ_f
-    adversarial_weight: float = Field(0.1, ge=0.0)  # λ_adv
-    tap: str | None = None  # None: the last stage
-    teacher_tap: str | None = None
-    routing: Literal["single_teacher", "mktn"] = "single_teacher"
-    feature_teacher: str | None = None  # mktn: the discriminative teacher (feature loss)
-    adversarial_teacher: str | None = None  # mktn: the generative (reconstruction) teacher (adversarial loss)
-    discriminator: DiscriminatorConfig = DiscriminatorConfig()
-
-
-class ReconstructionTerm(TermBase):
-    """Teacher-side reconstruction auxiliary (METHODS §2.9): λ_rec·mean(R(E(x)) − x)² with a light upsampling
-    decoder R on a peer's tap; train a teacher with CE + this term (Gap: λ_rec = 1)."""
-
-    name: Literal["reconstruction"]
-    tap: str | None = None  # None: the last stage
-
-
-class LWKDTerm(TeacherTermBase):
-    """LW-KD (METHODS §2.10, reconstructed): targets t = softmax(T_lw(x̃_y)/τ) from a lightweight teacher trained
-    on a synthetic dataset with the same classes; weight = α on τ²·KL(t ‖ p_S) + adversarial_weight·BCE(D(p_S), real)."""
-
-    name: Literal["lwkd"]
-    weight: float = Field(0.9, ge=0.0)  # α; give the ce term (1 − α) = 0.1
-    T: float = Field(4.0, gt=0.0)  # τ
-    adversarial_weight: float = Field(0.1, ge=0.0)
-    hidden: int = Field(256, ge=1)  # discriminator MLP width
-    discriminator: DiscriminatorConfig = DiscriminatorConfig()
-
-
-Term = Annotated[
-    Union[CETerm, DMLTerm, DOTTerm, MCLTerm, MCLOKDTerm, KDTerm, FitNetTerm, ATTerm, FSPTerm, NSTTerm, RelationTerm,
-          SPTerm, RKDTerm, PKTTerm, CCTerm, AdaINTerm, AMATerm, ComplementaryTerm, ReconstructionTerm, LWKDTerm],
-    Field(discriminator="name"),
-]
-TERM_NAMES = ("ce", "dml", "dot", "mcl", "mcl_okd", "kd", "fitnet", "at", "fsp", "nst", "relation", "sp", "rkd", "pkt",
-              "cc", "adain", "ama", "complementary", "reconstruction", "lwkd")
-EMBEDDING_TERMS = ("mcl", "mcl_okd")
-TEACHER_TERMS = ("kd", "fitnet", "at", "fsp", "nst", "relation", "sp", "rkd", "pkt", "cc", "adain", "ama",
-                 "complementary", "lwkd")
-LOGIT_TEACHER_TERMS = ("kd", "lwkd")  # need only logits: they also work under placement=peer_parallel
+    return [TERMS.get("ce").config(), TERMS.get("dml").config()]
 
 
 class StageConfig(Strict):
@@ -422,9 +202,7 @@ class StageConfig(Strict):
 
 
 class ObjectiveConfig(Strict):
-    terms: list[Term] = Field(
-        default_factory=lambda: [CETerm(name="ce"), DMLTerm(name="dml")], min_length=1
-    )
+    terms: list[TermItem] = Field(default_factory=_default_terms, min_length=1)
     # Multi-stage training (FitNets' hint stage, FSP's initialisation): empty = one stage with every term. The
     # stages' epochs must add up to train.epochs; the lr schedule runs over train.epochs as a whole.
     stages: list[StageConfig] = []
@@ -516,22 +294,36 @@ class Config(Strict):
         return items
 
     @model_validator(mode="after")
-    def _teachers_fit(self) -> Config:
+    def _terms_fit(self) -> Config:
+        """What each term needs (from the registry) against the rest of the config, then its own checks."""
+        from mutualkd.registry import TERMS
+
         names = [t.name for t in self.teachers]
         known = f"teachers: {', '.join(map(repr, names))}" if names else "the config has no teachers"
         for i, term in enumerate(self.objective.terms):
-            key = f"objective.terms.{i}"
-            if term.name not in TEACHER_TERMS:
-                continue
-            if not names:
+            key, kind = f"objective.terms.{i}", TERMS.get(term.name).term
+            if kind.needs_teacher and not names:
                 raise ValueError(f"{key} ({term.name}): a teacher term needs teachers; add a `teachers:` list")
-            for field in ("teacher", "feature_teacher", "adversarial_teacher"):
-                value = getattr(term, field, None)
+            for field in term.teacher_fields:
+                value = getattr(term, field)
                 if value is not None and value not in names:
                     raise ValueError(f"{key}.{field}: unknown teacher {value!r}; {known}")
-            if self.placement == "peer_parallel" and term.name not in LOGIT_TEACHER_TERMS:
+            if self.placement == "peer_parallel" and not kind.peer_parallel:
+                fits = ", ".join(s.name for s in TERMS.specs() if s.term.peer_parallel)
                 raise ValueError(f"{key} ({term.name}): feature terms need every peer's taps in one process; "
-                                 "use placement=data_parallel (kd and lwkd work under peer_parallel)")
+                                 f"use placement=data_parallel (these work under peer_parallel: {fits})")
+            term.check(self, key)
+        uses = [t.name for t in self.objective.terms if TERMS.get(t.name).term.needs_embeddings]
+        if self.embedding.head != "none" and not uses:
+            readers = ", ".join(s.name for s in TERMS.specs() if s.term.needs_embeddings)
+            raise ValueError(f"embedding.head: {self.embedding.head!r} heads would be trained by nothing; no term in "
+                             f"objective.terms uses embeddings ({readers}); set embedding.head=none")
+        return self
+
+    @model_validator(mode="after")
+    def _teachers_and_stages_fit(self) -> Config:
+        names = [t.name for t in self.teachers]
+        known = f"teachers: {', '.join(map(repr, names))}" if names else "the config has no teachers"
         policy = self.teacher_policy
         if policy.mode == "assigned":
             for peer in self.peer_names:
@@ -556,14 +348,6 @@ class Config(Strict):
                 for label in stage.terms:
                     if label not in labels:
                         raise ValueError(f"objective.stages.{i}.terms: unknown term {label!r}; terms: {', '.join(labels)}")
-        return self
-
-    @model_validator(mode="after")
-    def _heads_are_used(self) -> Config:
-        uses = [t.name for t in self.objective.terms if t.name in EMBEDDING_TERMS]
-        if self.embedding.head != "none" and not uses:
-            raise ValueError(f"embedding.head: {self.embedding.head!r} heads would be trained by nothing; no term in "
-                             f"objective.terms uses embeddings ({', '.join(EMBEDDING_TERMS)}); set embedding.head=none")
         if self.placement == "peer_parallel" and self.train.mixed_precision == "fp16":
             raise ValueError("train.mixed_precision: fp16 is not supported with placement=peer_parallel "
                              "(each rank would skip overflowing steps on its own); use bf16")
@@ -664,9 +448,35 @@ def _default_section(parts: list[str]) -> Any:
     return node if isinstance(node, (dict, list)) else {}
 
 
+def resolve_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A config file as a mapping, with its `base:` chain merged in: `base` names another config (relative to
+    this file) whose mapping this one overrides key by key, recursively; lists and values are replaced whole."""
+    path = Path(path)
+    tree = read_yaml(path)
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{path}: base: expected the path of another config file, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in _chain or base_path == path.resolve():
+        cycle = " -> ".join(str(p) for p in (*_chain, path.resolve(), base_path))
+        raise UserError(f"{path}: base: the configs name each other in a cycle ({cycle})")
+    if not base_path.is_file():
+        raise UserError(f"{path}: base: config file not found: {base_path}")
+    return _merge(resolve_yaml(base_path, (*_chain, path.resolve())), tree)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Build a validated Config from an optional YAML file plus dotted overrides."""
-    tree = read_yaml(path) if path is not None else {}
+    """Build a validated Config from an optional YAML file (with its `base:` chain) plus dotted overrides."""
+    tree = resolve_yaml(path) if path is not None else {}
     for item in overrides:
         apply_override(tree, item)
     return validate(tree, source=str(path) if path else "config")
@@ -676,49 +486,57 @@ def validate(tree: dict, source: str = "config") -> Config:
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
-        raise UserError(f"{source}: {_describe(err.errors()[0])}") from None
+        raise UserError(f"{source}: {_describe(err.errors()[0], tree)}") from None
 
 
-def _describe(error: dict) -> str:
+def _describe(error: dict, tree: dict) -> str:
     """One line naming the key, what is allowed, and what was given."""
-    loc = [p for p in error["loc"] if not (isinstance(p, str) and p in TERM_NAMES + ("function-after",))]
-    # pydantic puts the union tag after a list index; drop it so the key reads objective.terms.1.T
+    loc = [p for p in error["loc"] if p != "function-after"]
     key = ".".join(str(p) for p in loc) or "<top level>"
     kind, msg, given = error["type"], error["msg"], error.get("input")
     if kind == "extra_forbidden":
-        allowed = _allowed_keys(error["loc"][:-1])
+        allowed = _allowed_keys(error["loc"][:-1], tree)
         hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         dym = f" (did you mean {hint[0]!r}?)" if hint else ""
         return f"{key}: unknown key{dym}; allowed keys: {', '.join(allowed)}"
-    if kind == "union_tag_invalid":
-        return f"{key}.name: unknown term {given.get('name')!r}; expected one of {', '.join(map(repr, TERM_NAMES))}"
-    if kind == "union_tag_not_found":
-        return f"{key}: a term needs a name; expected one of {', '.join(map(repr, TERM_NAMES))}"
+    if kind == "unknown_term":
+        return f"{key}.name: {msg}"
     if kind == "missing":
         return f"{key}: required key is missing"
     if kind == "value_error":
         msg = msg.removeprefix("Value error, ")
         return msg if not loc or msg.startswith(str(loc[0])) else f"{key}: {msg}"
+    if kind == "term_name_missing":
+        return f"{key}: {msg}"
     return f"{key}: {msg[0].lower() + msg[1:]} (got {given!r})"
 
 
-def _allowed_keys(loc: tuple) -> list[str]:
-    """Field names of the schema section at `loc` (used to list the allowed keys in an error)."""
+def _allowed_keys(loc: tuple, tree: Any) -> list[str]:
+    """Field names of the schema section at `loc` (used to list the allowed keys in an error); a term's section
+    is the schema registered for the name the input gives it."""
+    from mutualkd.registry import TERMS
+
     model: Any = Config
-    terms = {t.model_fields["name"].annotation.__args__[0]: t for t in Term.__origin__.__args__}
+    node, in_terms = tree, False
     for part in loc:
+        node = node[part] if isinstance(node, (dict, list)) and _has(node, part) else None
         if isinstance(part, int):
-            continue
-        if part in terms:
-            model = terms[part]
+            if in_terms:
+                spec = TERMS.get(node.get("name")) if isinstance(node, dict) else None
+                model, in_terms = (spec.config if spec else TermConfig), False
             continue
         field = model.model_fields.get(part)
         if field is None:
             break
+        in_terms = field is ObjectiveConfig.model_fields["terms"]
         ann = field.annotation
         args = getattr(ann, "__args__", ())
         model = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), model)
-    return sorted(model.model_fields)
+    return sorted(k for k in model.model_fields)
+
+
+def _has(node: dict | list, part: Any) -> bool:
+    return part in node if isinstance(node, dict) else isinstance(part, int) and 0 <= part < len(node)
 
 
 def dump(cfg: Config) -> str:

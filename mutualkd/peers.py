@@ -11,6 +11,7 @@ Projection heads live here, not in the backbones, so they are trained and checkp
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 
@@ -32,6 +33,14 @@ class GroupOutput:
     pre_logits: list[torch.Tensor]  # per peer [B, D_p] (widths may differ)
     embeddings: torch.Tensor | None = None  # [P, B, d], unit rows; None without heads
     taps: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per peer: tap name -> tensor
+    derived: dict = field(default_factory=dict, repr=False)  # memo of quantities computed from this output
+
+    def memo(self, key, compute):
+        """`compute()` once per forward: a quantity derived from this output (a term's adapted features) that
+        several readers share, e.g. a term's update phase and its loss."""
+        if key not in self.derived:
+            self.derived[key] = compute()
+        return self.derived[key]
 
 
 def stage_layout(model: nn.Module) -> tuple[list[str], list[str], list[str]] | None:
@@ -254,50 +263,56 @@ class PeerGroup(nn.Module):
         """Peer p as a complete network (shared modules included): what eval and export use."""
         return self.peers[p]
 
-    def forward(self, inputs: torch.Tensor | list[torch.Tensor], taps=()) -> GroupOutput:
-        """Run every peer; `inputs` is one batch for all, or a list of per-peer views."""
+    def forward(self, inputs: torch.Tensor | list[torch.Tensor], taps=(), live: list[int] | None = None) -> GroupOutput:
+        """Run every peer; `inputs` is one batch for all, or a list of per-peer views. `live`: the local peers
+        whose outputs carry gradient; the others run without autograd, as fixed targets (None: all are live)."""
+        if live is not None and self.n_shared:
+            raise ValueError("PeerGroup: live peers need an independent topology (a shared stem feeds every peer)")
         per_view = isinstance(inputs, (list, tuple))
         views = list(inputs) if per_view else [inputs] * len(self.peers)
         want = set(taps)
-        feats, tapped, shared = [], [], None
-        for p, (model, plan, x) in enumerate(zip(self.peers, self.plans, views)):
+
+        def each(fn, *columns) -> list:
+            """fn(p, ...) for every peer p, under p's autograd mode."""
+            out = []
+            for p, args in enumerate(zip(*columns)):
+                with contextlib.nullcontext() if live is None or p in live else torch.no_grad():
+                    out.append(fn(p, *args))
+            return out
+
+        shared: list = []  # the shared stem's (output, taps), computed once per input
+
+        def features(p, model, plan, x):
             t: dict[str, torch.Tensor] = {}
             if self.n_shared:
-                if shared is None or per_view:
-                    shared_taps: dict[str, torch.Tensor] = {}
-                    shared = _run(model, plan[: self.n_shared], x, want, shared_taps)
-                t.update(shared_taps)
-                h = shared
+                if not shared or per_view:
+                    stem_taps: dict[str, torch.Tensor] = {}
+                    shared[:] = [(_run(model, plan[: self.n_shared], x, want, stem_taps), stem_taps)]
+                h, stem_taps = shared[0]
+                t.update(stem_taps)
                 if self.stem_grad_scale != 1.0 and torch.is_grad_enabled():
                     h = _ScaleGrad.apply(h, self.stem_grad_scale)
-                f = _run(model, plan[self.n_shared :], h, want, t)
-            elif plan:
-                f = _run(model, plan, x, want, t)
-            elif idx := sorted(
-                int(w[7:]) for w in want if w.startswith("feature") and int(w[7:]) < len(model.feature_info)
-            ):
+                return _run(model, plan[self.n_shared :], h, want, t), t
+            if plan:
+                return _run(model, plan, x, want, t), t
+            if idx := sorted(int(w[7:]) for w in want if w.startswith("feature") and int(w[7:]) < len(model.feature_info)):
                 f, inter = model.forward_intermediates(x, indices=idx)
-                t.update({f"feature{i}": v for i, v in zip(idx, inter)})
-            else:
-                f = model.forward_features(x)
-            feats.append(f)
-            tapped.append(t)
-        pre = [m.forward_head(f, pre_logits=True) for m, f in zip(self.peers, feats)]
-        logits = torch.stack(
-            [
-                m.get_classifier()(h) if split else m.forward_head(f)
-                for m, h, f, split in zip(self.peers, pre, feats, self.classifier_on_pre_logits)
-            ]
-        )
+                return f, {f"feature{i}": v for i, v in zip(idx, inter)}
+            return model.forward_features(x), t
+
+        feats, tapped = zip(*each(features, self.peers, self.plans, views))
+        pre = each(lambda p, m, f: m.forward_head(f, pre_logits=True), self.peers, feats)
+        logits = torch.stack(each(lambda p, m, h, f, split: m.get_classifier()(h) if split else m.forward_head(f),
+                                  self.peers, pre, feats, self.classifier_on_pre_logits))
         emb = None
         if self.heads is not None:
-            emb = torch.stack([F.normalize(head(h).float(), dim=1) for head, h in zip(self.heads, pre)])
+            emb = torch.stack(each(lambda p, head, h: F.normalize(head(h).float(), dim=1), self.heads, pre))
         for p, t in enumerate(tapped):
             if "pre_logits" in want:
                 t["pre_logits"] = pre[p]
             if "logits" in want:
                 t["logits"] = logits[p]
-        return GroupOutput(logits=logits, pre_logits=pre, embeddings=emb, taps=tapped)
+        return GroupOutput(logits=logits, pre_logits=pre, embeddings=emb, taps=list(tapped))
 
     def global_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict under the keys of a group holding every peer (`peers.<global index>.*`)."""

@@ -144,13 +144,13 @@ class Teacher(nn.Module):
 
     def _load_pool(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This teacher's training images sorted by class, with per-class counts and start offsets."""
-        from mutualkd.data import ImageTensors, load_configured
+        from mutualkd.data import ImageTensors, load_splits
 
         d = self.data_cfg
         if d is None:
             raise UserError(f"teachers ({self.name}): drawing targets from labels needs a teacher trained with "
                             "mutualkd (a `run:` directory), whose training set it samples")
-        splits = load_configured(d, download=False)  # never fetch at run time for a teacher
+        splits = load_splits(d, download=False)  # never fetch at run time for a teacher
         if not isinstance(splits.train, ImageTensors):
             raise UserError(f"teachers ({self.name}): its dataset {d.name!r} is not held in memory; LW-KD needs one")
         targets = splits.train.targets

@@ -22,9 +22,15 @@ from mutualkd.data import (
     read_idx,
     stratified_split,
 )
+from mutualkd.config import validate
 from mutualkd.errors import UserError
 
 from fakes import write_cifar
+
+
+def load(name, **data):
+    """The splits of `data.name=name` plus other `data.*` keys, validated like any config."""
+    return load_splits(validate({"data": {"name": name, **data}}).data)
 
 
 def class_counts(ds, k):
@@ -35,7 +41,7 @@ def class_counts(ds, k):
 
 
 def test_digits_sizes_stratification_and_range():
-    s = load_splits("digits", val_split=0.1, split_seed=3)
+    s = load("digits", val_split=0.1, split_seed=3)
     assert len(s.train) + len(s.val) + len(s.test) == 1797
     assert abs(len(s.test) - 360) <= 1
     assert s.spec == DataSpec("digits", 10, 1, (8, 8), s.spec.mean, s.spec.std, 1, False)
@@ -44,13 +50,13 @@ def test_digits_sizes_stratification_and_range():
     full = class_counts(s.train, 10) + class_counts(s.val, 10)
     assert torch.equal(class_counts(s.val, 10), torch.tensor([round(n * 0.1) for n in full.tolist()]))
     # the test split ignores split_seed and val_split
-    t = load_splits("digits", val_split=0.0, split_seed=99)
+    t = load("digits", val_split=0.0, split_seed=99)
     assert t.val is None and torch.equal(t.test.images, s.test.images) and len(t.train) == len(s.train) + len(s.val)
 
 
 def test_splits_are_deterministic_and_seed_dependent():
-    a, b = load_splits("digits", split_seed=1), load_splits("digits", split_seed=1)
-    c = load_splits("digits", split_seed=2)
+    a, b = load("digits", split_seed=1), load("digits", split_seed=1)
+    c = load("digits", split_seed=2)
     assert torch.equal(a.val.images, b.val.images) and torch.equal(a.train.targets, b.train.targets)
     assert not torch.equal(a.val.images, c.val.images)
 
@@ -68,7 +74,7 @@ def test_stratified_split_exact_and_at_least_one():
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_ROOT),
                     reason=f"{FASHION_MNIST_ROOT} missing (install Debian package dataset-fashion-mnist)")
 def test_fashion_mnist_real():
-    s = load_splits("fashion_mnist", val_split=0.1)
+    s = load("fashion_mnist", val_split=0.1)
     assert (len(s.train), len(s.val), len(s.test)) == (54000, 6000, 10000)
     assert s.train.images.shape[1:] == (1, 28, 28) and s.test.images.dtype == torch.uint8
     assert set(s.test.targets.unique().tolist()) == set(range(10))
@@ -113,7 +119,7 @@ def test_idx_parser_rejects_bad_files(tmp_path):
 
 def test_fashion_mnist_missing_files(tmp_path):
     with pytest.raises(UserError, match=r"data.root: .* has no train-images-idx3-ubyte\[.gz\]"):
-        load_splits("fashion_mnist", root=str(tmp_path))
+        load("fashion_mnist", root=str(tmp_path))
 
 
 def test_fashion_mnist_from_written_idx(tmp_path):
@@ -121,7 +127,7 @@ def test_fashion_mnist_from_written_idx(tmp_path):
     for prefix, n in (("train", 40), ("t10k", 10)):
         write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
         write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
-    s = load_splits("fashion_mnist", root=str(tmp_path), val_split=0.25)
+    s = load("fashion_mnist", root=str(tmp_path), val_split=0.25)
     assert (len(s.train), len(s.val), len(s.test)) == (30, 10, 10)
 
 
@@ -131,7 +137,7 @@ def test_fashion_mnist_from_written_idx(tmp_path):
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_cifar_from_official_pickles(tmp_path, name):
     written = write_cifar(tmp_path, name)
-    s = load_splits(name, root=str(tmp_path), val_split=0.0)
+    s = load(name, root=str(tmp_path), val_split=0.0)
     n_train = 30 if name == "cifar10" else 6
     assert s.train.images.shape == (n_train, 3, 32, 32) and s.test.images.shape == (6, 3, 32, 32)
     test_data, test_labels = written["test_batch" if name == "cifar10" else "test"]
@@ -142,7 +148,7 @@ def test_cifar_from_official_pickles(tmp_path, name):
 
 def test_cifar_missing_root(tmp_path):
     with pytest.raises(UserError, match="data.download"):
-        load_splits("cifar10", root=str(tmp_path / "nowhere"))
+        load("cifar10", root=str(tmp_path / "nowhere"))
 
 
 # ----------------------------------------------------------------------------- imagefolder
@@ -159,7 +165,7 @@ def test_imagefolder(tmp_path):
                 arr = rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)
                 Image.fromarray(arr).save(tmp_path / split / cls / f"{i}.png")
     Image.fromarray(np.zeros((10, 10), dtype=np.uint8)).save(tmp_path / "train" / "dog" / "gray.png")
-    s = load_splits("imagefolder", root=str(tmp_path), val_split=0.2, image_size=16)
+    s = load("imagefolder", root=str(tmp_path), val_split=0.2, image_size=16)
     assert s.spec.num_classes == 2 and s.spec.image_size == (16, 16) and s.spec.crop_padding == 2
     assert len(s.train) + len(s.val) == 9 and len(s.test) == 4 and s.val.targets.tolist() == [0, 1]
     item = s.train[len(s.train) - 1]
@@ -168,7 +174,7 @@ def test_imagefolder(tmp_path):
     assert batch["image"].shape == (2, 3, 16, 16)
     assert batch["target"].tolist() == [1, 0] and batch["index"].tolist() == [3, 0]
     with pytest.raises(UserError, match="data.root"):
-        load_splits("imagefolder", root=str(tmp_path / "train"))
+        load("imagefolder", root=str(tmp_path / "train"))
 
 
 # ----------------------------------------------------------------------------- synthetic and errors
@@ -176,14 +182,14 @@ def test_imagefolder(tmp_path):
 
 def test_synthetic_is_learnable():
     cfg = {"num_classes": 5, "train_size": 200, "test_size": 100, "image_size": 12}
-    s = load_splits("synthetic", synthetic=cfg)
+    s = load("synthetic", synthetic=cfg)
     assert s.spec.num_classes == 5 and s.train.images.shape == (180, 3, 12, 12) and len(s.test) == 100
     x = s.train.images.float().flatten(1)
     centroids = torch.stack([x[s.train.targets == c].mean(0) for c in range(5)])
     assert torch.cdist(centroids, centroids).add(torch.eye(5) * 1e9).min() > 500  # distinct prototypes
     pred = torch.cdist(s.test.images.float().flatten(1), centroids).argmin(1)
     assert (pred == s.test.targets).float().mean() > 0.95
-    again = load_splits("synthetic", synthetic=cfg)
+    again = load("synthetic", synthetic=cfg)
     assert torch.equal(again.test.images, s.test.images)
 
 
@@ -196,7 +202,7 @@ def test_synthetic_is_learnable():
 ])
 def test_load_splits_user_errors(kwargs, match):
     with pytest.raises(UserError, match=match):
-        load_splits(**kwargs)
+        load(**kwargs)
 
 
 # ----------------------------------------------------------------------------- samplers

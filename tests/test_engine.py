@@ -233,7 +233,7 @@ def shipped_teachers(tmp_path_factory):
 def test_every_shipped_config_runs_one_step(tmp_path, name, shipped_teachers):
     """Each shipped config starts, takes one optimizer step and stops cleanly; student configs get their teacher
     runs from the shipped teacher configs (one step each), on CIFAR-100 files the test writes."""
-    from mutualkd.config import read_yaml
+    from mutualkd.config import resolve_yaml
 
     extra = []
     if name.startswith("cifar100"):
@@ -242,7 +242,7 @@ def test_every_shipped_config_runs_one_step(tmp_path, name, shipped_teachers):
     elif "fashion" in name or "timm" in name:
         if not FASHION.is_dir():
             pytest.skip("Debian's dataset-fashion-mnist is not installed")
-    for i, t in enumerate(read_yaml(ROOT / "configs" / f"{name}.yaml").get("teachers", [])):
+    for i, t in enumerate(resolve_yaml(ROOT / "configs" / f"{name}.yaml").get("teachers", [])):
         if "run" in t:
             extra.append(f"teachers.{i}.run={shipped_teachers(t['run'], extra[:1])}")
     run = train(tmp_path / "run", str(ROOT / "configs" / f"{name}.yaml"), "train.max_steps=1",

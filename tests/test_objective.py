@@ -14,18 +14,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mutualkd.config import (
-    CETerm,
-    DMLTerm,
-    DOTTerm,
-    MCLOKDTerm,
-    MCLTerm,
-    ObjectiveConfig,
-    Ramp,
-)
+from mutualkd.config import ObjectiveConfig, Ramp
 from mutualkd.errors import UserError
-from mutualkd.losses import contrastive, logit  # noqa: F401  (fills the registry)
-from mutualkd.losses.objective import TERMS, BuildContext, Objective, ramp_factor
+from mutualkd.losses import mcl_okd
+from mutualkd.losses.base import BuildContext
+from mutualkd.losses.ce import CEConfig as CETerm
+from mutualkd.losses.dml import DMLConfig as DMLTerm
+from mutualkd.losses.dot import DOTConfig as DOTTerm
+from mutualkd.losses.mcl import MCLConfig as MCLTerm
+from mutualkd.losses.mcl_okd import MCLOKDConfig as MCLOKDTerm
+from mutualkd.losses.objective import Objective, ramp_factor
+from mutualkd.registry import TERMS
 from mutualkd.peers import GroupOutput
 
 KEY = "objective.terms.0"
@@ -56,7 +55,7 @@ def ctx_for(P, C=5, embedding_dim=None, train_targets=None, seed=0):
 
 
 def build(cfg, ctx, key=KEY):
-    return TERMS[cfg.name](cfg, ctx, key)
+    return TERMS.get(cfg.name).term(cfg, ctx, key)
 
 
 def output(logits=None, embeddings=None):
@@ -472,9 +471,9 @@ def test_okd_loss_matches_reference_and_updates_banks(P, pair_reduction, tau, mo
     assert not term.banks.requires_grad and term.banks.grad is None
 
     # (c) the banks stay as they were through forward and backward (backward re-gathers the scored rows);
-    # after_backward applies the momentum update of the positives' rows, every other row unchanged
+    # after_step applies the momentum update of the positives' rows, every other row unchanged
     assert torch.equal(term.banks, old)
-    term.after_backward()
+    term.after_step()
     idx = batch["index"]
     for p in range(P):
         for n in range(N):
@@ -614,17 +613,17 @@ def test_okd_chunked_bank_scoring_equals_one_shot_scoring(monkeypatch):
         s = score_fn(leaf)
         return s, torch.autograd.grad((s.log() * weights).sum() + s.sum(), leaf)[0]
 
-    ref, ref_grad = loss_and_grad(lambda x: contrastive.MF.bank_scores(banks[:, rows], x, 0.1))
-    monkeypatch.setattr(contrastive, "ROWS_BUDGET", 7 * 8 * 3)  # 3 samples per chunk -> 4 chunks
-    assert len(contrastive._chunks(rows, 8)) == 4
-    got, got_grad = loss_and_grad(lambda x: contrastive._BankScores.apply(x, banks, rows, 0.1))
+    ref, ref_grad = loss_and_grad(lambda x: mcl_okd.MF.bank_scores(banks[:, rows], x, 0.1))
+    monkeypatch.setattr(mcl_okd, "ROWS_BUDGET", 7 * 8 * 3)  # 3 samples per chunk -> 4 chunks
+    assert len(mcl_okd._chunks(rows, 8)) == 4
+    got, got_grad = loss_and_grad(lambda x: mcl_okd._BankScores.apply(x, banks, rows, 0.1))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=0)
     torch.testing.assert_close(got_grad, ref_grad, rtol=1e-4, atol=1e-3 * ref_grad.abs().max().item() * 1e-3)
 
 
 def test_mcl_runs_in_fp32_under_bf16_autocast():
     """Distillation math stays fp32 under autocast (METHODS §0.5): same value as without autocast."""
-    term = TERMS["mcl"](MCLTerm(name="mcl"), ctx_for(2, embedding_dim=6), "objective.terms.1")
+    term = TERMS.get("mcl").term(MCLTerm(name="mcl"), ctx_for(2, embedding_dim=6), "objective.terms.1")
     V = unit(2, 8, 6, seed=9)
     ref = term(output(embeddings=V), {"target": LABELS8})
     with torch.autocast("cpu", dtype=torch.bfloat16):

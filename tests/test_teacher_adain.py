@@ -27,7 +27,7 @@ def _terms(term: str) -> str:
 
 
 def _built(run: str, term: str, *extra: str):
-    return train_steps([_teacher(run), _terms(term), *extra], steps=0).built
+    return train_steps([_teacher(run), _terms(term), *extra], steps=0).trainer
 
 
 def _batch(b, n: int = 32):
@@ -90,9 +90,9 @@ def test_functional_statistics_injection_and_ablation():
 
 def test_adain_trains_on_digits(digits_teacher):
     run = [_teacher(digits_teacher), _terms("{name: adain}"), MIXED]
-    init, s = train_steps(run, steps=0).built, train_steps(run, steps=3)
+    init, s = train_steps(run, steps=0).trainer, train_steps(run, steps=3)
     assert_teachers_untouched(s)
-    term = s.built.objective.terms[1]
+    term = s.trainer.objective.terms[1]
     assert term.student_taps == {"stage2", "stage3"} and term.teacher_taps == {"stage2", "stage3"}
     assert term.connectors["1_0"]["stage2"][0].weight.shape == (32, 64, 1, 1)  # wrn_16_2 64 -> teacher 32
     for log in s.logs:
@@ -100,14 +100,14 @@ def test_adain_trains_on_digits(digits_teacher):
         # weight = feat_weight = 100: the term's loss is adain + feat, and both are logged
         assert log["loss/adain"] == pytest.approx(log["adain/adain"] + log["adain/feat"], rel=1e-5)
     assert _params_changed(init.objective.terms[1], term)  # every connector parameter moved
-    assert _params_changed(init.group, s.built.group)
+    assert _params_changed(init.group, s.trainer.group)
     assert term.connectors["0_0"]["stage3"][1].num_batches_tracked == 3
 
-    out, teach, data, _ = _batch(s.built)
-    s.built.objective(out, data, 0.0, teach)["loss"].backward()
+    out, teach, data, _ = _batch(s.trainer)
+    s.trainer.objective(out, data, 0.0, teach)["loss"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in term.parameters())
-    assert all(p.grad is not None for p in s.built.group.parameters() if p.requires_grad)
-    assert all(p.grad is None for t in s.built.teachers.teachers for p in t.parameters())
+    assert all(p.grad is not None for p in s.trainer.group.parameters() if p.requires_grad)
+    assert all(p.grad is None for t in s.trainer.teachers.teachers for p in t.parameters())
 
 
 @pytest.mark.parametrize("head", ["next_stage", "logits"])
@@ -186,9 +186,9 @@ def test_adain_build_errors(digits_teacher):
 
 def test_ama_trains_on_digits(digits_teacher):
     run = [_teacher(digits_teacher), _terms("{name: ama, module_kd_weight: 0.5}"), MIXED]
-    init, s = train_steps(run, steps=0).built, train_steps(run, steps=3)
+    init, s = train_steps(run, steps=0).trainer, train_steps(run, steps=3)
     assert_teachers_untouched(s)  # no teacher tensor (BN statistics included) changed
-    term = s.built.objective.terms[1]
+    term = s.trainer.objective.terms[1]
     assert (term.front, term.split) == ("stage2", "stage3")  # k = the middle stage; M_φ replaces stage 3
     assert term.phi["1_0"][0].weight.shape == (128, 32, 3, 3)  # width student: wrn_16_2's stage-3 channels
     for log in s.logs:
@@ -197,7 +197,7 @@ def test_ama_trains_on_digits(digits_teacher):
         assert log["loss/ama"] == pytest.approx(log["ama/hint"] + module / 100.0, rel=1e-5)
     before = init.objective.terms[1]
     assert _params_changed(before.phi, term.phi) and _params_changed(before.regressors, term.regressors)
-    assert _params_changed(init.group, s.built.group)
+    assert _params_changed(init.group, s.trainer.group)
 
 
 def test_ama_student_and_module_gradients_are_disjoint(digits_teacher):

@@ -15,10 +15,10 @@ from teaching import assert_teachers_untouched, train_steps
 
 from mutualkd import config as C
 from mutualkd.cli import main
-from mutualkd.data import load_splits
+from mutualkd.data import load_splits as _load_splits
 from mutualkd.engine import checkpoint
 from mutualkd.errors import UserError
-from mutualkd.losses.adversarial import Discriminator
+from mutualkd.losses.discriminator import Discriminator, DiscriminatorConfig, discriminator_optimizer
 
 QUIET = "train.progress=false"
 COMPLEMENTARY = "objective.terms=[{name: ce}, {name: complementary}]"
@@ -32,6 +32,10 @@ def teachers(**runs) -> str:
 def train(run_dir, *overrides) -> Path:
     assert main(["train", QUIET, *overrides, "--run-dir", str(run_dir)]) == 0
     return Path(run_dir)
+
+
+def load_splits(name, **data):
+    return _load_splits(C.validate({"data": {"name": name, **data}}).data)
 
 
 @pytest.fixture(scope="module")
@@ -60,26 +64,34 @@ def d_state(term) -> dict[str, torch.Tensor]:
                                               *term.discriminators.named_buffers()]}
 
 
-def adam_steps(term) -> set[int]:
-    return {int(s["step"]) for d in term.discriminators.values() for s in d.optimizer.state.values()}
+def phase_of(objective, term):
+    """(label, UpdatePhase) of the term's discriminator phase, as the trainer runs it."""
+    (label, phase), = [(label, phase) for label, phase in objective.phases
+                       if objective.terms[objective.labels.index(label)] is term]
+    return label, phase
+
+
+def adam_steps(objective, term) -> set[int]:
+    return {int(s["step"]) for s in phase_of(objective, term)[1].optimizer.state.values()}
 
 
 def outside_peer_optimizer(objective, term) -> None:
-    own = {id(p) for p in term.own_optimizer_parameters()}
+    own = {id(p) for p in phase_of(objective, term)[1].parameters}
     assert own == {id(p) for p in term.discriminators.parameters()} and own
     assert not own & {id(p) for p in objective.main_parameters()}
 
 
 # ----------------------------------------------------------------------------------- discriminator piece
 def test_map_discriminator_follows_the_design_and_keeps_tiny_maps_spatial():
-    cfg = C.DiscriminatorConfig()
+    cfg = DiscriminatorConfig()
     for shape, strides in [((16, 8, 8), [2, 2]), ((32, 4, 4), [2, 1]), ((64, 2, 2), [1, 1])]:
-        d = Discriminator.for_maps(shape, cfg)
+        d = Discriminator.for_maps(shape)
         convs = [m for m in d.net if isinstance(m, torch.nn.Conv2d)]
         assert [c.stride[0] for c in convs] == strides and all(c.kernel_size == (3, 3) for c in convs)
         assert d.net(torch.randn(4, *shape)).shape == (4, 1)
-        assert d.optimizer.defaults["betas"] == (0.5, 0.999) and d.optimizer.defaults["lr"] == 2e-4
-    mlp = Discriminator.for_probabilities(10, 32, cfg)
+        opt = discriminator_optimizer(d.parameters(), cfg)
+        assert opt.defaults["betas"] == (0.5, 0.999) and opt.defaults["lr"] == 2e-4
+    mlp = Discriminator.for_probabilities(10, 32)
     assert mlp.net(torch.softmax(torch.randn(4, 10), 1)).shape == (4, 1) and mlp.net[0].out_features == 32
 
 
@@ -87,12 +99,12 @@ def test_map_discriminator_follows_the_design_and_keeps_tiny_maps_spatial():
 def test_complementary_trains_with_discriminators_outside_the_peer_optimizer(digits_teacher):
     s = train_steps([teachers(t=digits_teacher), COMPLEMENTARY], steps=3)
     assert_teachers_untouched(s)
-    obj, term = s.built.objective, s.built.objective.terms[1]
+    obj, term = s.trainer.objective, s.trainer.objective.terms[1]
     outside_peer_optimizer(obj, term)
     assert {id(p) for p in term.align.parameters()} <= {id(p) for p in obj.main_parameters()}
-    assert sorted(term.discriminators) == ["0_0", "1_0"] and adam_steps(term) == {3}
+    assert sorted(term.discriminators) == ["0_0", "1_0"] and adam_steps(obj, term) == {3}
     assert all(p.grad is None for p in term.discriminators.parameters())  # the main backwards never reached D
-    fresh = d_state(train_steps([teachers(t=digits_teacher), COMPLEMENTARY], steps=0).built.objective.terms[1])
+    fresh = d_state(train_steps([teachers(t=digits_teacher), COMPLEMENTARY], steps=0).trainer.objective.terms[1])
     assert all(not torch.equal(v, fresh[k]) for k, v in d_state(term).items() if k.endswith("weight"))
     for log in s.logs:
         parts = log["complementary/feature"] * 100 + log["complementary/adversarial"] * 0.1
@@ -100,16 +112,18 @@ def test_complementary_trains_with_discriminators_outside_the_peer_optimizer(dig
         assert 0 < log["complementary/discriminator"] < 2
 
 
-def test_discriminator_steps_in_the_forward_then_is_frozen_for_the_peers_loss(digits_teacher):
-    b = train_steps([teachers(t=digits_teacher), COMPLEMENTARY], steps=0).built
+def test_discriminator_steps_in_its_own_phase_then_is_frozen_for_the_peers_loss(digits_teacher):
+    b = train_steps([teachers(t=digits_teacher), COMPLEMENTARY], steps=0).trainer
     obj, term = b.objective, b.objective.terms[1]
     x, batch = one_batch(b)
     before = d_state(term)
-    out = b.group(x, taps=obj.student_taps)
-    losses = obj(out, batch, 0.0, obj.teach(x, 0, 0.0))
+    out, teach = b.group(x, taps=obj.student_taps), obj.teach(x, 0, 0.0)
+    b.run_phase(*phase_of(obj, term), out, batch, teach)  # what train_step runs between forward and losses
     stepped = d_state(term)
     assert all(not torch.equal(before[k], v) for k, v in stepped.items() if k.endswith("weight"))  # D step ran
-    assert adam_steps(term) == {1} and all(p.grad is None for p in term.discriminators.parameters())
+    assert adam_steps(obj, term) == {1} and all(p.grad is None for p in term.discriminators.parameters())
+    assert all(p.grad is None for p in [*b.group.parameters(), *obj.main_parameters()])  # D's step touched only D
+    losses = obj(out, batch, 0.0, teach)
     losses["loss"].backward()
     assert all(p.grad is None for p in term.discriminators.parameters())  # no gradient from the peers' loss
     assert all(p.grad is not None for p in term.align.parameters())
@@ -123,7 +137,7 @@ def test_mktn_routes_the_feature_loss_and_the_adversarial_loss_to_their_teachers
             "adversarial_teacher: gen}]"
     s = train_steps([teachers(disc=digits_teacher, gen=generative_teacher), route], steps=2)
     assert_teachers_untouched(s)
-    b = s.built
+    b = s.trainer
     obj, term = b.objective, b.objective.terms[1]
     outside_peer_optimizer(obj, term)
     assert term.teacher_wants([[0, 1], [0, 1]]) == {0: {"stage3"}, 1: {"stage3"}}
@@ -133,8 +147,9 @@ def test_mktn_routes_the_feature_loss_and_the_adversarial_loss_to_their_teachers
     teach = obj.teach(x, 2, 0.0)
     reals = []
     for d in term.discriminators.values():
-        step = d.step
-        d.step = lambda real, fake, step=step: reals.append(real) or step(real, fake)
+        loss = d.loss
+        d.loss = lambda real, fake, loss=loss: reals.append(real) or loss(real, fake)
+    term.discriminator_loss(out, batch, teach)  # the discriminators' update phase
     parts = term(out, batch, teach)
     assert len(reals) == 2 and all(r is teach.taps[1]["stage3"] for r in reals)  # D: real = generative teacher
     feature = sum(((term.align[f"{p}_0"](out.taps[p]["stage3"]) - teach.taps[0]["stage3"]) ** 2).mean()
@@ -158,7 +173,7 @@ def test_complementary_user_errors_name_the_key(digits_teacher, term, match):
 # ----------------------------------------------------------------------------------------- reconstruction
 def test_reconstruction_decodes_the_tap_to_the_input_and_matches_a_hand_computation():
     s = train_steps(["objective.terms=[{name: ce}, {name: reconstruction}]"], steps=2)
-    b = s.built
+    b = s.trainer
     term = b.objective.terms[1]
     assert term.taps == ["stage3", "stage3"] and b.objective.student_taps == ["stage3"]
     assert {id(p) for p in term.decoders.parameters()} <= {id(p) for p in b.objective.main_parameters()}
@@ -185,10 +200,10 @@ def test_composed_digits_teacher_learns_quickly(lightweight_teacher):
 def test_lwkd_trains_without_running_the_teacher_on_the_batch(lightweight_teacher):
     s = train_steps([teachers(lw=lightweight_teacher), LWKD], steps=3)
     assert_teachers_untouched(s)
-    b = s.built
+    b = s.trainer
     obj, term = b.objective, b.objective.terms[1]
     outside_peer_optimizer(obj, term)
-    assert adam_steps(term) == {3} and all(p.grad is None for p in term.discriminators.parameters())
+    assert adam_steps(obj, term) == {3} and all(p.grad is None for p in term.discriminators.parameters())
     x, _ = one_batch(b)
     teach = obj.teach(x, 0, 0.0)
     assert teach.logits == {} and teach.taps == {}  # teacher_taps empty: the teacher never saw the batch
@@ -198,7 +213,7 @@ def test_lwkd_trains_without_running_the_teacher_on_the_batch(lightweight_teache
 
 
 def test_lwkd_targets_are_class_conditioned_redrawn_and_resume_exactly(lightweight_teacher):
-    term = train_steps([teachers(lw=lightweight_teacher), LWKD], steps=0).built.objective.terms[1]
+    term = train_steps([teachers(lw=lightweight_teacher), LWKD], steps=0).trainer.objective.terms[1]
     y = torch.arange(10).repeat(20)
     state = term.get_extra_state()  # {} before the first draw: a fresh seeded generator
     a, b = term.teacher_logits(0, y), term.teacher_logits(0, y)
@@ -229,9 +244,9 @@ def test_resume_restores_discriminators_and_their_optimizers_exactly_and_export_
            "objective.terms=[{name: ce}, {name: reconstruction}, {name: complementary}]"]
     full = train(tmp_path / "full", *run, "train.max_steps=4")
     part = train(tmp_path / "part", *run, "train.max_steps=2")
-    opt_key = "terms.2.discriminators.0_0._extra_state"
+    phase = "complementary/discriminator"  # the discriminators' own optimizer, saved beside the peers'
     mid = checkpoint.load(part / "checkpoints" / "last.pt")
-    assert {int(s["step"]) for s in mid["objective"][opt_key]["optimizer"]["state"].values()} == {2}
+    assert {int(s["step"]) for s in mid["phases"][phase]["state"].values()} == {2}
     assert main(["train", "--resume", str(part), "train.max_steps=4"]) == 0
     wa, wb = (checkpoint.load(r / "checkpoints" / "last.pt") for r in (full, part))
     assert wb["step"] == 4
@@ -241,8 +256,8 @@ def test_resume_restores_discriminators_and_their_optimizers_exactly_and_export_
     for name, value in wa["objective"].items():
         if not name.endswith("_extra_state"):
             assert torch.equal(value, wb["objective"][name]), name
-    for k, (sa, sb) in enumerate(zip(wa["objective"][opt_key]["optimizer"]["state"].values(),
-                                     wb["objective"][opt_key]["optimizer"]["state"].values())):
+    assert wa["phases"][phase]["state"]
+    for k, (sa, sb) in enumerate(zip(wa["phases"][phase]["state"].values(), wb["phases"][phase]["state"].values())):
         assert int(sa["step"]) == int(sb["step"]) == 4
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"]), k
     assert main(["export", str(part), "--peer", "0", "--checkpoint", "last"]) == 0

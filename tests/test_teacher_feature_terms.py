@@ -30,7 +30,7 @@ def run(teacher: str, terms: str, *extra: str, steps: int = 2):
 
 def batch(s, seed: int = 1):
     """A fresh training batch of 64, drawn and augmented as `train_steps` does."""
-    b = s.built
+    b = s.trainer
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(b.splits.train), generator=gen)[:64]
     raw = b.splits.train.__getitems__(idx.tolist())
@@ -40,8 +40,8 @@ def batch(s, seed: int = 1):
 def forward(s, seed: int = 1):
     """(peer outputs, teacher outputs, batch dict) of one forward of the trained group on a fresh batch."""
     x, data = batch(s, seed)
-    out = s.built.group(x, taps=s.built.objective.student_taps)
-    return out, s.built.objective.teach(x, 0, 0.0), data
+    out = s.trainer.group(x, taps=s.trainer.objective.student_taps)
+    return out, s.trainer.objective.teach(x, 0, 0.0), data
 
 
 def check_trained(s) -> None:
@@ -53,7 +53,7 @@ def check_trained(s) -> None:
 def term_backward(s, i: int):
     """Backward of term i's loss alone on a fresh batch; asserts every peer's stem got a nonzero gradient (the
     term reaches the whole backbone) and returns (term output, peer outputs, teacher outputs)."""
-    b = s.built
+    b = s.trainer
     b.group.zero_grad(set_to_none=True)
     b.objective.zero_grad(set_to_none=True)
     out, teach, data = forward(s)
@@ -68,7 +68,7 @@ def term_backward(s, i: int):
 
 def trains_adapters(s, module) -> None:
     """`module`'s parameters are in the peers' optimizer and got a nonzero gradient (after `term_backward`)."""
-    mine = {id(p) for p in s.built.objective.main_parameters()}
+    mine = {id(p) for p in s.trainer.objective.main_parameters()}
     params = list(module.parameters())
     assert params and all(id(p) in mine for p in params)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
@@ -112,7 +112,7 @@ def attention(f: torch.Tensor) -> torch.Tensor:
 def test_at_matches_independent_computation(digits_teacher):
     s = run(digits_teacher, "{name: at}, {name: at, paper_norm: true, taps: [stage1], teacher_taps: [stage2]}")
     check_trained(s)
-    at, paper = s.built.objective.terms[1:]
+    at, paper = s.trainer.objective.terms[1:]
     assert at.taps == ["stage1", "stage2", "stage3"] and at.t_taps == {0: ["stage1", "stage2", "stage3"]}
     parts, out, teach = term_backward(s, 1)
     # β·Σ_l mean_{b,hw}(Q_S − Q_T)² per peer (the weight β is applied by the objective)
@@ -142,7 +142,7 @@ def fsp_reference(maps: list[torch.Tensor]) -> list[torch.Tensor]:
 def test_fsp_matches_independent_computation(digits_teacher):
     s = run(digits_teacher, "{name: fsp}")
     check_trained(s)
-    fsp = s.built.objective.terms[1]
+    fsp = s.trainer.objective.terms[1]
     assert fsp.taps == ["stem", "stage1", "stage2", "stage3"] and len(fsp.adapters["0_0"]) == 0
     parts, out, teach = term_backward(s, 1)
     g_t = fsp_reference([teach.taps[0][tap].double() for tap in fsp.taps])
@@ -160,7 +160,7 @@ def test_fsp_channel_mismatch_errors_and_conv1x1_adapter_fixes_it(digits_teacher
     assert "adapter: conv1x1" in msg
     s = run(digits_teacher, "{name: fsp, adapter: conv1x1}", WIDE)
     check_trained(s)
-    fsp = s.built.objective.terms[1]
+    fsp = s.trainer.objective.terms[1]
     convs = fsp.adapters["0_0"]
     assert [tuple(convs[str(i)].weight.shape) for i in range(4)] == [(16, 32, 1, 1), (16, 64, 1, 1),
                                                                      (32, 128, 1, 1), (64, 256, 1, 1)]
@@ -179,7 +179,7 @@ def test_nst_kernels_match_gram_matching_mean_gap_and_gaussian(digits_teacher):
     s = run(digits_teacher, "{name: nst}, {name: nst, tap: stage1}, {name: nst, kernel: linear}, "
                             "{name: nst, kernel: gaussian, tap: stage1, teacher_tap: stage2}")
     check_trained(s)
-    terms = s.built.objective.terms
+    terms = s.trainer.objective.terms
     assert terms[1].tap == "stage3" and terms[1].t_taps == {0: "stage3"}
     parts, out, teach = term_backward(s, 1)
     # poly (d = 2, c = 0) = Gram matching ‖TᵀT/C_t − SᵀS/C_s‖²_F per sample, batch mean; on stage3 (HW 4 < C) and
@@ -228,7 +228,7 @@ def test_sp_and_relation_grid_dot_row_l2_mse_agree(digits_teacher):
                             "loss: mse, weight: 3000}")
     check_trained(s)
     assert [logs["loss/sp"] for logs in s.logs] == pytest.approx([logs["loss/relation"] for logs in s.logs])
-    sp, rel = s.built.objective.terms[1:]
+    sp, rel = s.trainer.objective.terms[1:]
     assert sp.tap == "stage3"
     parts, out, teach = term_backward(s, 1)
     close(parts["per_peer"], [sp_reference(f_s, f_t) for f_s, f_t in per_pair(out, teach, "stage3")])
@@ -264,7 +264,7 @@ def test_rkd_matches_independent_computation(digits_teacher):
     pairs = per_pair(out, teach, "pre_logits")
     close(parts["per_peer"], [rkd_reference(z_s, z_t, 25.0, 50.0) for z_s, z_t in pairs], rtol=1e-4)
     expected = [rkd_reference(F.normalize(z_s, dim=1), F.normalize(z_t, dim=1), 1.0, 0.0) for z_s, z_t in pairs]
-    close(s.built.objective.terms[2](out, {}, teach)["per_peer"], expected, rtol=1e-4)
+    close(s.trainer.objective.terms[2](out, {}, teach)["per_peer"], expected, rtol=1e-4)
 
 
 def test_pkt_matches_independent_computation_across_widths(digits_teacher):
@@ -294,7 +294,7 @@ def test_cc_rbf_taylor_hand_computed():
 def test_cc_both_forms_match_independent_computation(digits_teacher):
     s = run(digits_teacher, "{name: cc}, {name: cc, form: rbf_taylor}", WIDE)
     check_trained(s)
-    cc, rbf = s.built.objective.terms[1:]
+    cc, rbf = s.trainer.objective.terms[1:]
     assert (cc.cfg.weight, rbf.cfg.weight) == (0.02, 100.0)
     embed_s, embed_t = cc.embed_s["0_0"], cc.embed_t["0_0"]
     assert (embed_s.in_features, embed_t.in_features, embed_s.out_features) == (256, 64, 128)
@@ -324,7 +324,7 @@ def test_terms_are_zero_when_the_student_is_the_teacher(digits_teacher):
     # a student of the teacher's architecture holding the teacher's weights, in eval mode (BatchNorm running
     # statistics, as the teacher): its features equal the teacher's, so every term is exactly zero
     s = run(digits_teacher, ZERO_TERMS, "peers=[{arch: cifar_resnet14}]", steps=0)
-    b = s.built
+    b = s.trainer
     b.group.peers[0].load_state_dict(b.teachers.teachers[0].net.peers[0].state_dict())
     cc = b.objective.terms[6]
     cc.embed_s["0_0"].load_state_dict(cc.embed_t["0_0"].state_dict())  # the same embedding on both sides
@@ -365,5 +365,5 @@ def test_terms_compute_in_fp32_under_autocast(digits_teacher):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, teach, data = forward(s)
         assert out.taps[0]["stage3"].dtype == torch.bfloat16  # the backbones do run in bf16
-        parts = [term(out, data, teach)["loss"] for term in s.built.objective.terms[1:]]
+        parts = [term(out, data, teach)["loss"] for term in s.trainer.objective.terms[1:]]
     assert all(p.dtype == torch.float32 and torch.isfinite(p) for p in parts), parts

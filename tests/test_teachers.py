@@ -8,11 +8,15 @@ from teaching import assert_teachers_untouched, train_steps
 
 from mutualkd import config as C
 from mutualkd.cli import main
-from mutualkd.data import load_splits
+from mutualkd.data import load_splits as _load_splits
 from mutualkd.errors import UserError
 from mutualkd.export import export_peer
 from mutualkd.losses import functional as MF
 from mutualkd.teachers import InputSpec, TeacherSet
+
+
+def load_splits(name, **data):
+    return _load_splits(C.validate({"data": {"name": name, **data}}).data)
 
 
 def digits_spec():
@@ -91,9 +95,9 @@ def test_policies_assign_teachers_to_peers(digits_teacher):
 def test_round_robin_runs_one_teacher_per_step_and_kd_follows_it(digits_teacher):
     s = train_steps([f"teachers=[{{run: {digits_teacher}, name: a}}, {{arch: cifar_resnet8, name: b}}]",
                      "teacher_policy.mode=round_robin", "objective.terms=[{name: ce}, {name: kd}]"], steps=0)
-    obj, x = s.built.objective, probe()
+    obj, x = s.trainer.objective, probe()
     assert sorted(obj.teach(x, 0, 0.0).logits) == [0] and sorted(obj.teach(x, 1, 0.0).logits) == [1]
-    out = s.built.group(x)
+    out = s.trainer.group(x)
     teach = obj.teach(x, 1, 0.0)
     got = obj(out, {"target": torch.zeros(6, dtype=torch.long)}, 0.0, teach)["logs"]
     want = [MF.kd_kl(out.logits[p], teach.logits[1]) for p in range(2)]
@@ -105,8 +109,8 @@ def test_kd_averages_logits_or_losses_and_assigned_peers_learn_from_their_own_te
     x, y = probe(), {"target": torch.zeros(6, dtype=torch.long)}
     for average in ("logits", "loss"):
         s = train_steps([two, f"objective.terms=[{{name: kd, average: {average}, T: 2.0}}]"], steps=0)
-        obj = s.built.objective
-        out, teach = s.built.group(x), obj.teach(x, 0, 0.0)
+        obj = s.trainer.objective
+        out, teach = s.trainer.group(x), obj.teach(x, 0, 0.0)
         got = obj(out, y, 0.0, teach)["logs"]["kd/peer1"]
         ta, tb = teach.logits[0], teach.logits[1]
         want = MF.kd_kl(out.logits[1], (ta + tb) / 2, 2.0) if average == "logits" else \
@@ -114,8 +118,8 @@ def test_kd_averages_logits_or_losses_and_assigned_peers_learn_from_their_own_te
         torch.testing.assert_close(got, want)
     s = train_steps([two, "teacher_policy={mode: assigned, assign: {peer0: b, peer1: a}}",
                      "objective.terms=[{name: kd, direction: reverse}]"], steps=0)
-    obj = s.built.objective
-    out, teach = s.built.group(x), obj.teach(x, 0, 0.0)
+    obj = s.trainer.objective
+    out, teach = s.trainer.group(x), obj.teach(x, 0, 0.0)
     got = obj(out, y, 0.0, teach)["logs"]
     torch.testing.assert_close(got["kd/peer0"], MF.kd_kl(out.logits[0], teach.logits[1], direction="reverse"))
     torch.testing.assert_close(got["kd/peer1"], MF.kd_kl(out.logits[1], teach.logits[0], direction="reverse"))
@@ -123,12 +127,21 @@ def test_kd_averages_logits_or_losses_and_assigned_peers_learn_from_their_own_te
 
 # ----------------------------------------------------------------------------------------------- methods
 def test_kd_with_dml_trains_students_and_leaves_the_teacher_untouched(digits_teacher):
-    s = train_steps([f"teachers=[{{run: {digits_teacher}}}]",
-                     "objective.terms=[{name: ce, weight: 0.1}, {name: kd}, {name: dml}]"], steps=4)
+    run = [f"teachers=[{{run: {digits_teacher}}}]", "objective.terms=[{name: ce, weight: 0.1}, {name: kd}, {name: dml}]"]
+    s = train_steps(run, steps=6)
     assert_teachers_untouched(s)
     assert all(torch.isfinite(torch.tensor(list(log.values()))).all() for log in s.logs)
-    assert s.logs[-1]["loss/kd"] < s.logs[0]["loss/kd"]  # the students move toward the teacher
     assert {"kd/peer0", "kd/peer1", "dml/peer0", "loss/ce"} <= set(s.logs[0])
+
+    def kd_on_probe(trainer):  # KD toward the teacher on the same held-out images, students in eval mode
+        x = probe(64)
+        trainer.group.eval()
+        with torch.no_grad():
+            teacher = trainer.teachers(x, 0, {0: set()}).logits[0]
+            return [float(MF.kd_kl(z, teacher)) for z in trainer.group(x).logits]
+
+    before, after = kd_on_probe(train_steps(run, steps=0).trainer), kd_on_probe(s.trainer)
+    assert all(a < b for a, b in zip(after, before)), (before, after)  # the students move toward the teacher
 
 
 def test_kd_per_peer_equals_kd_kl_per_peer_in_both_directions():
@@ -157,13 +170,13 @@ def test_fitnet_trains_its_regressors_and_matches_its_formula(digits_teacher):
     s = train_steps([f"teachers=[{{run: {digits_teacher}}}]", "objective.terms=[{name: ce}, {name: fitnet}]"],
                     steps=3)
     assert_teachers_untouched(s)
-    term = s.built.objective.terms[1]
+    term = s.trainer.objective.terms[1]
     assert term.tap == "stage2" and term.t_taps == {0: "stage2"}  # the middle of 3 stages
     reg = term.regressors["0_0"]
     assert isinstance(reg[0], torch.nn.Conv2d) and reg[0].kernel_size == (3, 3) and reg[0].stride == (1, 1)
-    assert any(p is reg[0].weight for p in s.built.objective.main_parameters())
-    x, obj = probe(), s.built.objective
-    out, teach = s.built.group(x, taps=obj.student_taps), obj.teach(x, 0, 0.0)
+    assert any(p is reg[0].weight for p in s.trainer.objective.main_parameters())
+    x, obj = probe(), s.trainer.objective
+    out, teach = s.trainer.group(x, taps=obj.student_taps), obj.teach(x, 0, 0.0)
     want = ((reg(out.taps[0]["stage2"]) - teach.taps[0]["stage2"]) ** 2).mean()
     torch.testing.assert_close(obj(out, {"target": torch.zeros(6, dtype=torch.long)}, 0.0, teach)["logs"]
                                ["fitnet/peer0"], want)
@@ -172,11 +185,11 @@ def test_fitnet_trains_its_regressors_and_matches_its_formula(digits_teacher):
 def test_fitnet_regressors_stride_or_upsample_by_integer_factors_and_name_both_shapes_otherwise(digits_teacher):
     s = train_steps([f"teachers=[{{run: {digits_teacher}}}]",
                      "objective.terms=[{name: fitnet, tap: stage1, teacher_tap: stage2}]"], steps=0)
-    conv = s.built.objective.terms[0].regressors["0_0"][0]  # 16x8x8 -> 32x4x4
+    conv = s.trainer.objective.terms[0].regressors["0_0"][0]  # 16x8x8 -> 32x4x4
     assert isinstance(conv, torch.nn.Conv2d) and conv.stride == (2, 2) and conv.out_channels == 32
     s = train_steps([f"teachers=[{{run: {digits_teacher}}}]",
                      "objective.terms=[{name: fitnet, tap: stage3, teacher_tap: stage1}]"], steps=1)
-    assert isinstance(s.built.objective.terms[0].regressors["0_0"][0], torch.nn.ConvTranspose2d)  # 2x2 -> 8x8
+    assert isinstance(s.trainer.objective.terms[0].regressors["0_0"][0], torch.nn.ConvTranspose2d)  # 2x2 -> 8x8
     with pytest.raises(UserError, match=r"objective\.terms\.0 \(fitnet\): cannot match peer0 pre_logits \[64\] with "
                                         r"teacher0 stage2 \[32, 4, 4\]: FitNets needs C and H×W .* \(METHODS\.md §2\.11\)"):
         train_steps([f"teachers=[{{run: {digits_teacher}}}]",
@@ -190,8 +203,8 @@ def test_fitnet_regressors_stride_or_upsample_by_integer_factors_and_name_both_s
 def test_fitnet_paper_form_is_half_the_squared_norm_per_sample(digits_teacher):
     s = train_steps([f"teachers=[{{run: {digits_teacher}}}]", "objective.terms=[{name: fitnet, paper_form: true}]"],
                     steps=0)
-    obj, x = s.built.objective, probe()
-    out, teach = s.built.group(x, taps=obj.student_taps), obj.teach(x, 0, 0.0)
+    obj, x = s.trainer.objective, probe()
+    out, teach = s.trainer.group(x, taps=obj.student_taps), obj.teach(x, 0, 0.0)
     reg = obj.terms[0].regressors["1_0"]
     diff = reg(out.taps[1]["stage2"]) - teach.taps[0]["stage2"]
     torch.testing.assert_close(obj(out, {}, 0.0, teach)["logs"]["fitnet/peer1"], 0.5 * diff.pow(2).sum() / 6)
@@ -204,7 +217,7 @@ def test_two_stage_fitnets_trains_only_the_front_and_the_regressor_first(digits_
     args = ["train", f"teachers=[{{run: {digits_teacher}}}]", "train.epochs=2", "train.progress=false",
             "objective.terms=[{name: fitnet}, {name: ce, weight: 0.1}, {name: kd}]",
             "objective.stages=[{epochs: 1, terms: [fitnet]}, {epochs: 1, terms: [ce, kd]}]"]
-    init = train_steps(["objective.terms=[{name: ce}]"], steps=0).built.group.state_dict()  # seed 0's initial peers
+    init = train_steps(["objective.terms=[{name: ce}]"], steps=0).trainer.group.state_dict()  # seed 0's initial peers
     assert main([*args, "train.max_steps=5", "--run-dir", str(run)]) == 0
     from mutualkd.engine import checkpoint
 

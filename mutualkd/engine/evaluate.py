@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from mutualkd import placement
 from mutualkd.data import BatchAugment, eval_indices, make_eval_loader
+from mutualkd.placement import Placement
 
 
 @torch.inference_mode()
-def evaluate(group, dataset, augment: BatchAugment, accelerator, batch_size: int, num_peers: int,
-             num_workers: int = 0) -> dict:
+def evaluate(group, dataset, augment: BatchAugment, accelerator, placement: Placement, batch_size: int,
+             num_peers: int, num_workers: int = 0) -> dict:
     """Accuracy in % on `dataset`; every sample counted once (ranks take disjoint shards)."""
     was_training = group.training
     group.eval()

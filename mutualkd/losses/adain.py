@@ -1,26 +1,43 @@
-"""Teacher terms that run the frozen teacher onward from an inner tap (METHODS.md §2.7, §2.8): AdaIN statistics
-transfer (`adain`) and activation-map adaptation (`ama`). Both evaluate maps through `Teacher.remainder`, whose
-parameters stay frozen while activations keep their gradient."""
+"""AdaIN statistics transfer from an offline teacher (METHODS.md §2.7, reconstructed): the student's channel
+statistics are injected into the teacher's map through AdaIN, and the frozen teacher judges the result (its next
+stage, or its logits), through `Teacher.remainder`, whose parameters stay frozen while activations keep their
+gradient.
+
+    teachers: [{run: runs/teacher}]
+    objective:
+      terms:
+        - {name: ce}
+        - {name: adain, weight: 100.0, feat_weight: 100.0, head: next_stage}
+"""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
-import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from mutualkd.errors import UserError
 from mutualkd.losses import functional as MF
-from mutualkd.losses.objective import register
-from mutualkd.losses.teacher import (
-    TeacherTerm,
-    conv_regressor,
-    middle_stage,
-    stage_taps,
-)
+from mutualkd.losses.teacher import TeacherTerm, TeacherTermConfig, stage_taps
+from mutualkd.registry import register_term
 
 ADAIN_RULE = "AdaIN needs H×W equal at each tap; its 1×1 connector maps only C_S -> C_T"
-AMA_RULE = ("activation-map adaptation needs C and H×W equal after the regressor, which maps C_S -> C_T and changes "
-            "H×W only by an integer factor")
+
+
+class AdaINConfig(TeacherTermConfig):
+    """AdaIN statistics transfer (METHODS §2.7, reconstructed): weight = λ_ada on Σ_l L_AdaIN, plus
+    feat_weight = λ_feat on the connector's FitNet-style loss at the last tap."""
+
+    name: Literal["adain"] = "adain"
+    weight: float = Field(100.0, ge=0.0)
+    feat_weight: float = Field(100.0, ge=0.0)
+    taps: list[str] | None = None  # None: the last two stages
+    teacher_taps: list[str] | None = None  # None: the names in `taps`, or the teacher's own last two stages
+    head: Literal["next_stage", "logits"] = "next_stage"
+    T: float = Field(4.0, gt=0.0)  # head=logits: KD temperature
+    statistics_only: bool = False  # ablation baseline: mean ‖μ_S − μ_T‖² + ‖σ_S − σ_T‖² through the connector
 
 
 def _last_stages(n: int, i: int):
@@ -33,7 +50,7 @@ def _last_stages(n: int, i: int):
     return pick
 
 
-@register("adain")
+@register_term("adain", AdaINConfig)
 class AdaIN(TeacherTerm):
     """AdaIN statistics transfer (§2.7, reconstructed). Per tap l, a trainable connector r_l (1×1 conv + BN,
     C_S -> C_T) and F_ada = σ(r(F_S))·(sg(F_T) − μ(F_T))/σ(F_T) + μ(r(F_S)), evaluated by the frozen teacher:
@@ -118,110 +135,3 @@ class AdaIN(TeacherTerm):
         ratio = self.cfg.feat_weight / self.cfg.weight if self.cfg.weight else 0.0
         per_peer = adain + ratio * feat
         return {"loss": per_peer.sum(), "per_peer": per_peer, "adain": adain.sum(), "feat": feat.sum()}
-
-
-@register("ama")
-class AMA(TeacherTerm):
-    """Activation-map adaptation (§2.8, reconstructed). The teacher is split at stage k (default its middle stage):
-    T_front = stages ≤ k (the teacher's stage-k tap, detached), a trainable M_φ per (peer, teacher) replacing stage
-    k+1, and the frozen T_back = `remainder(stage{k+1}, ·, "logits")`. M_φ = conv(kernel_size, strided to stage
-    k+1's H×W)–BN–ReLU to a hidden width (`width: student`: the peer's stage-(k+1) channels; `teacher`: the
-    teacher's), then 1×1 conv–BN–ReLU to the teacher's stage-(k+1) channels, so A = M_φ(T_front(x)) has the
-    teacher's stage-(k+1) shape.
-
-    - Student: hint = mean(r(F_S^{k+1}) − sg(A))², r a FitNets conv regressor; weighted by `weight` = λ.
-    - M_φ: module = module_ce_weight·CE(T_back(A), y) + module_kd_weight·KD_T(z_T → T_back(A)), NOT scaled by λ:
-      `loss` = hint + module/weight, so the objective's weight·loss = λ·hint + module.
-
-    METHODS gives M_φ its own SGD at the student's lr. Here M_φ joins the peers' optimizer instead: the hint
-    reaches only the peers and r (A is detached) and the module loss only M_φ (T_front is detached, the teacher
-    frozen), so with per-parameter SGD/AdamW state and equal hyperparameters one optimizer over both is the same
-    as two. (A global `train.clip_grad_norm` couples them; a weight `ramp` scales M_φ's losses too.)
-    Several teachers per peer: the hint is averaged over them, each M_φ keeps its full loss. Logged parts: `hint`,
-    `module_ce` / `module_kd` (unweighted, those with a non-zero weight).
-    """
-
-    def __init__(self, cfg, ctx, key):
-        super().__init__(cfg, ctx, key)
-        self.num_classes = ctx.num_classes
-        if cfg.weight == 0:
-            raise UserError(f"{key}.weight: 0 would also switch off M_φ's own losses (returned divided by weight); "
-                            "remove the term instead")
-        if cfg.module_ce_weight == 0 and cfg.module_kd_weight == 0:
-            raise UserError(f"{key}.module_ce_weight: module_ce_weight and module_kd_weight are both 0, so M_φ would "
-                            "never be trained")
-        k = self._split_stage(cfg.stage)
-        self.front, self.split = f"stage{k}", f"stage{k + 1}"
-        self.student_taps, self.teacher_taps = {self.split}, {self.front}
-        for p in range(self.num_peers):
-            self._check_tap("stage", self.split, self.peer_shapes[p], self.peer_names[p])
-        self.phi, self.regressors = nn.ModuleDict(), nn.ModuleDict()
-        for p, t in self.pairs:
-            s_shape, a_shape = self.student_shape(p, self.split), self.teacher_shape(t, self.split)
-            reg = conv_regressor(s_shape, a_shape) if len(s_shape) == 3 and len(a_shape) == 3 else None
-            if reg is None:
-                raise self.shape_error(p, t, self.split, self.split, AMA_RULE)
-            hidden = s_shape[0] if cfg.width == "student" else a_shape[0]
-            self.phi[self.pair_key(p, t)] = self._module(t, hidden)
-            self.regressors[self.pair_key(p, t)] = reg
-
-    def _split_stage(self, stage: int | None) -> int:
-        """k: `stage`, or the teachers' (common) middle stage; teacher stage k+1 must exist."""
-        ks = {}
-        for t in sorted({t for _, t in self.pairs}):
-            teacher = self.teacher(t)
-            teacher.plan()  # a UserError unless the teacher can be run from an inner tap
-            n = len(stage_taps(teacher.tap_shapes))
-            k = stage if stage is not None else (int(middle_stage(teacher.tap_shapes)[5:]) if n else 0)
-            if not 1 <= k < n:
-                raise UserError(f"{self.key}.stage: {k} leaves no stage k+1 of {teacher.name} ({n} stages) for M_φ "
-                                f"to replace; allowed 1..{n - 1}")
-            if self.cfg.module_ce_weight and teacher.num_classes != self.num_classes:
-                raise UserError(f"{self.key}.module_ce_weight: {teacher.name} has {teacher.num_classes} classes, the "
-                                f"peers {self.num_classes}: M_φ's CE on the labels needs the same classes C "
-                                "(METHODS.md §2.11); set module_ce_weight=0 and train M_φ by KD")
-            ks[teacher.name] = k
-        if len(set(ks.values())) > 1:
-            raise UserError(f"{self.key}.stage: the teachers' middle stages differ ({ks}); set stage explicitly")
-        return next(iter(ks.values()))
-
-    def _module(self, t: int, hidden: int) -> nn.Sequential:
-        (c_in, h, w), (c_out, ho, wo) = self.teacher_shape(t, self.front), self.teacher_shape(t, self.split)
-        if h % ho or w % wo or h // ho != w // wo:
-            raise UserError(f"{self.key} (ama): {self.teacher(t).name} {self.front} {[c_in, h, w]} cannot be strided "
-                            f"to {self.split} {[c_out, ho, wo]} by M_φ's conv (needs an integer factor, METHODS.md §2.11)")
-        ks = self.cfg.kernel_size
-        return nn.Sequential(
-            nn.Conv2d(c_in, hidden, ks, stride=h // ho, padding=ks // 2, bias=False), nn.BatchNorm2d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-        )
-
-    def adapted(self, p: int, t: int, teach) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A = M_φ(sg T_front(x)), T_back(A)) for peer p's module on teacher t."""
-        a = self.phi[self.pair_key(p, t)](teach.taps[t][self.front].detach())
-        return a, self.teacher(t).remainder(self.split, a, "logits")
-
-    def forward(self, out, batch, teach=None):
-        cfg = self.cfg
-        hint, module, ce, kd = [], [], [], []
-        for p in range(self.num_peers):
-            hints, mods = [], []
-            for t in self.active(teach, p):
-                a, z = self.adapted(p, t, teach)
-                hints.append(MF.fitnet_mse(self.regressors[self.pair_key(p, t)](out.taps[p][self.split]), a))
-                if cfg.module_ce_weight:
-                    ce.append(F.cross_entropy(z.float(), batch["target"]))
-                    mods.append(cfg.module_ce_weight * ce[-1])
-                if cfg.module_kd_weight:
-                    kd.append(MF.kd_kl(z, teach.logits[t], cfg.T))
-                    mods.append(cfg.module_kd_weight * kd[-1])
-            hint.append(torch.stack(hints).mean())
-            module.append(torch.stack(mods).sum())
-        per_peer = torch.stack(hint) + torch.stack(module) / cfg.weight
-        parts = {"loss": per_peer.sum(), "per_peer": per_peer, "hint": torch.stack(hint).sum()}
-        if ce:
-            parts["module_ce"] = torch.stack(ce).sum()
-        if kd:
-            parts["module_kd"] = torch.stack(kd).sum()
-        return parts

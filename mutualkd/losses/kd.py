@@ -1,18 +1,41 @@
-"""Hinton KD from offline teachers (METHODS.md §2.1), forward or reverse, with the multi-teacher policy."""
+"""Hinton KD from offline teachers (METHODS.md §2.1): T²·batchmean KL toward the teachers' detached logits,
+forward or reverse (METHODS §3), with the multi-teacher policy. RepDistiller's recipe is 0.1 CE + 0.9 KD at T 4.
+
+    teachers: [{run: runs/teacher}]
+    objective:
+      terms:
+        - {name: ce, weight: 0.1}
+        - {name: kd, weight: 0.9, T: 4.0, direction: forward, average: logits}
+"""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 
 from mutualkd.losses import functional as MF
-from mutualkd.losses.objective import register
-from mutualkd.losses.teacher import TeacherTerm
+from mutualkd.losses.teacher import TeacherTerm, TeacherTermConfig
+from mutualkd.registry import register_term
 
 
-@register("kd")
+class KDConfig(TeacherTermConfig):
+    """Hinton KD (METHODS §2.1): T²·batchmean KL(softmax(sg(t)/T) ‖ softmax(z/T)); RepDistiller: CE 0.1 + KD 0.9."""
+
+    name: Literal["kd"] = "kd"
+    weight: float = Field(0.9, ge=0.0)
+    T: float = Field(4.0, gt=0.0)
+    direction: Literal["forward", "reverse"] = "forward"  # reverse: KL(p_S ‖ p_T) (METHODS §3)
+    average: Literal["logits", "loss"] = "logits"  # several teachers: KD to the mean logits, or mean of KD terms
+
+
+@register_term("kd", KDConfig)
 class KD(TeacherTerm):
     """T²·batchmean KL toward the teachers' detached logits; several teachers: KD to their mean logits
     (`average: logits`, METHODS §3.4 `mean_logits`) or the mean of per-teacher KD terms (`average: loss`)."""
+
+    peer_parallel = True
 
     def __init__(self, cfg, ctx, key):
         super().__init__(cfg, ctx, key)

@@ -1,97 +1,22 @@
 """Objective = weighted terms with ramp schedules, in stages. Knows nothing about any one method.
 
-A term is an `nn.Module` registered under its config name. It reads what it needs from the
-`GroupOutput`, the batch and the `TeacherOutput` and returns a dict: `loss` (a scalar, before the term's
-weight), optionally `per_peer` ([P]) and any named parts for logging. Terms own their state (memory banks,
-samplers) and their trainable extras (adapters join the peers' optimizer; discriminators get their own
-optimizer, which the term steps itself, see `Term.own_optimizer_parameters`). A term declares the peer taps
-(`student_taps`) and teacher taps (`teacher_taps`) it reads, so a step computes only those.
+It builds each configured term from the registry, sums the active stage's terms (weight × ramp × loss), and
+gathers what the trainer needs from the terms through the term API (`mutualkd.losses.base`): the peer and
+teacher taps they read, their own update phases (discriminators), how the peers' update splits within a step
+(DML's alternating updates) and their after-step hooks (memory banks).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
 from mutualkd.config import ObjectiveConfig, Ramp
-
-TERMS: dict[str, type[Term]] = {}
-
-
-def register(name: str):
-    def add(cls):
-        cls.name = name
-        TERMS[name] = cls
-        return cls
-
-    return add
-
-
-@dataclass
-class BuildContext:
-    """What terms may need to know when they are built."""
-
-    peer_names: list[str]
-    num_classes: int
-    train_targets: torch.Tensor  # [N] labels of the training set (memory banks, negative sampling)
-    embedding_dim: int | None  # None when the group has no projection heads
-    seed: int
-    rank: int = 0
-    tap_shapes: list[dict[str, tuple[int, ...]]] = field(default_factory=list)  # per local peer, from the dry run
-    teachers: Any = None  # TeacherSet, or None without teachers
-    input_shape: tuple[int, ...] = ()  # (C, H, W) of the peers' input (decoders back to the image)
-
-
-class Term(nn.Module):
-    name = "term"
-    student_taps: frozenset[str] = frozenset()  # peer taps this term reads from GroupOutput.taps
-
-    def __init__(self, cfg, ctx: BuildContext, key: str):
-        super().__init__()
-        self.cfg = cfg
-        self.num_peers = len(ctx.peer_names)
-        self.key = key  # config key (objective.terms.i) for error messages
-
-    def forward(self, out, batch: dict, teach=None) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def teacher_wants(self, assignment: list[list[int]]) -> dict[int, set[str]]:
-        """Teacher index -> taps this term needs from a teacher forward at a step with this assignment."""
-        return {}
-
-    def own_optimizer_parameters(self) -> list[nn.Parameter]:
-        """Parameters the term steps with its own optimizer (discriminators); kept out of the peers' optimizer."""
-        return []
-
-
-class TermRNG:
-    """A term's own random stream (negative sampling, LW-KD's draws): seeded from the config, created on the
-    device of its first use, checkpointed through the term's extra state so a resumed run draws the same."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-        self.generator: torch.Generator | None = None
-        self._pending: torch.Tensor | None = None  # a restored state, applied when the generator is created
-
-    def __call__(self, device: torch.device) -> torch.Generator:
-        if self.generator is None or self.generator.device != device:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(self.seed)
-            if self._pending is not None:
-                self.generator.set_state(self._pending)
-                self._pending = None
-        return self.generator
-
-    def state(self) -> dict:
-        state = self.generator.get_state() if self.generator is not None else self._pending
-        return {"generator": state} if state is not None else {}
-
-    def load(self, state: dict) -> None:
-        self.generator, self._pending = None, state.get("generator")
+from mutualkd.errors import UserError
+from mutualkd.losses.base import BuildContext, UpdatePhase
+from mutualkd.registry import TERMS
 
 
 def ramp_factor(ramp: Ramp, epoch: float) -> float:
@@ -107,14 +32,22 @@ class Objective(nn.Module):
 
     def __init__(self, cfg: ObjectiveConfig, ctx: BuildContext):
         super().__init__()
-        from mutualkd.losses import adain, adversarial, contrastive, hint, kd, logit, relation  # noqa: F401, I001
-
         self.labels = cfg.labels
-        self.terms = nn.ModuleList(TERMS[t.name](t, ctx, f"objective.terms.{i}") for i, t in enumerate(cfg.terms))
+        self.terms = nn.ModuleList(TERMS.get(t.name).term(t, ctx, f"objective.terms.{i}")
+                                   for i, t in enumerate(cfg.terms))
         self.peer_names = ctx.peer_names
         self.stages = [(s.epochs, set(s.terms)) for s in cfg.stages] or [(math.inf, set(self.labels))]
         self.student_taps = sorted(set().union(*(t.student_taps for t in self.terms)))
         self.teachers = [ctx.teachers] if ctx.teachers is not None else []  # a list: not a submodule (never saved)
+        # (term label, phase): the terms' own optimizer updates, built once (their optimizers hold the parameters)
+        self.phases: list[tuple[str, UpdatePhase]] = [(label, phase) for label, term in zip(self.labels, self.terms)
+                                                      for phase in term.update_phases()]
+        splits = [(label, term.peer_updates()) for label, term in zip(self.labels, self.terms)]
+        splits = [(label, groups) for label, groups in splits if groups is not None]
+        if len(splits) > 1:
+            raise UserError(f"objective.terms: {splits[0][0]} and {splits[1][0]} both set how the peers' update "
+                            "splits within a step; only one term can")
+        self._peer_updates = splits[0] if splits else None
 
     def stage(self, epoch: float) -> tuple[float, set[str]]:
         """(start epoch, active term labels) of the stage that fractional epoch `epoch` falls in."""
@@ -139,6 +72,18 @@ class Objective(nn.Module):
                     wants.setdefault(t, set()).update(taps)
         return teachers(x, step, wants)
 
+    def peer_updates(self, epoch: float) -> list[list[int] | None]:
+        """The peer groups stepped in turn at this epoch: [None] (every peer at once) unless an active term
+        splits the update (DML alternating: [[0], [1], ...])."""
+        if self._peer_updates is None or self._peer_updates[0] not in self.stage(epoch)[1]:
+            return [None]
+        return self._peer_updates[1]
+
+    def active_phases(self, epoch: float) -> list[tuple[str, UpdatePhase]]:
+        """The update phases of the terms active at this epoch, in term order."""
+        _, active = self.stage(epoch)
+        return [(label, phase) for label, phase in self.phases if label in active]
+
     def forward(self, out, batch: dict, epoch: float, teach=None) -> dict[str, torch.Tensor]:
         start, active = self.stage(epoch)
         total = 0.0
@@ -158,13 +103,12 @@ class Objective(nn.Module):
         return {"loss": total, "logs": logs}
 
     def main_parameters(self) -> list[nn.Parameter]:
-        """Trainable parameters that join the peers' optimizer (adapters, regressors, embeddings)."""
-        own = {id(p) for term in self.terms for p in term.own_optimizer_parameters()}
+        """Trainable parameters that join the peers' optimizer (adapters, regressors, embeddings): all but those
+        of the terms' own update phases."""
+        own = {id(p) for _, phase in self.phases for p in phase.parameters}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in own]
 
-    def after_backward(self) -> None:
-        """State updates that must wait until gradients are computed (memory banks); call after backward."""
+    def after_step(self) -> None:
+        """Every term's after-step update (memory banks), once per optimizer step."""
         for term in self.terms:
-            hook = getattr(term, "after_backward", None)
-            if hook is not None:
-                hook()
+            term.after_step()

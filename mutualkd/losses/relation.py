@@ -1,18 +1,89 @@
-"""Relation terms from offline teachers (METHODS.md §2.6): the affinity × normalisation × loss grid and its named
-instances SP, RKD, PKT and CC. Each compares B×B structure of one tap, so student and teacher widths may differ;
-under data parallelism the relations span the all-gathered global batch (`global_batch`, METHODS §0.5)."""
+"""Relation terms from offline teachers (METHODS.md §2.6): the affinity × normalisation × loss grid (`relation`)
+and its named instances SP, RKD, PKT and CC. Each compares B×B structure of one tap, so student and teacher
+widths may differ; under data parallelism the relations span the all-gathered global batch (`global_batch`,
+METHODS §0.5).
+
+    teachers: [{run: runs/teacher}]
+    objective:
+      terms:
+        - {name: ce}
+        - {name: relation, tap: pre_logits, affinity: cosine, normalisation: row_l1, loss: kl}
+        - {name: pkt, weight: 30000.0}
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
 from mutualkd.losses import functional as MF
-from mutualkd.losses.objective import register
-from mutualkd.losses.teacher import TeacherTerm, last_stage
-from mutualkd.placement import gather_batch
+from mutualkd.losses.teacher import TeacherTerm, TeacherTermConfig, last_stage
+from mutualkd.registry import register_term
+
+
+class _OneTapConfig(TeacherTermConfig):
+    tap: str | None = None  # None: the last stage
+    teacher_tap: str | None = None
+    global_batch: bool = True  # data-parallel: relations over the all-gathered global batch (METHODS §0.5)
+
+
+class RelationConfig(_OneTapConfig):
+    """The relation framework (METHODS §2.6): w·ℓ(N(A(Z_S)), sg(N(A(Z_T)))) on one tap, B×B."""
+
+    name: Literal["relation"] = "relation"
+    tap: str = "pre_logits"
+    affinity: Literal["dot", "cosine", "euclidean", "gaussian"] = "cosine"
+    normalisation: Literal["none", "row_l2", "mean", "row_l1", "row_softmax"] = "row_l1"
+    loss: Literal["mse", "l1", "smooth_l1", "kl"] = "kl"
+    tau: float = Field(1.0, gt=0.0)  # row_softmax temperature [reconstructed]
+    gamma: float = Field(1.0, gt=0.0)  # gaussian affinity
+
+
+class SPConfig(_OneTapConfig):
+    """Similarity preserving (METHODS §2.6): (dot, row_l2, mse) on the flattened last-stage map, weight 3000."""
+
+    name: Literal["sp"] = "sp"
+    weight: float = Field(3000.0, ge=0.0)
+
+
+class RKDConfig(_OneTapConfig):
+    """RKD (METHODS §2.6): distance_weight·RKD-D + angle_weight·RKD-A on the pooled embedding (RepDistiller 25, 50)."""
+
+    name: Literal["rkd"] = "rkd"
+    tap: str = "pre_logits"
+    distance_weight: float = Field(25.0, ge=0.0)
+    angle_weight: float = Field(50.0, ge=0.0)
+    normalize: bool = False  # lenscloth/RKD's classification script L2-normalises the embeddings
+
+
+class PKTConfig(_OneTapConfig):
+    """PKT (METHODS §2.6): (cosine, row_l1, kl) on the pooled embedding, weight 30000."""
+
+    name: Literal["pkt"] = "pkt"
+    weight: float = Field(30000.0, ge=0.0)
+    tap: str = "pre_logits"
+
+
+class CCConfig(_OneTapConfig):
+    """Correlation congruence (METHODS §2.6), `form` repdistiller (weight 0.02) or rbf_taylor (weight 100)."""
+
+    name: Literal["cc"] = "cc"
+    weight: float | None = Field(None, ge=0.0)  # None: 0.02 (repdistiller) or 100 (rbf_taylor)
+    form: Literal["repdistiller", "rbf_taylor"] = "repdistiller"
+    tap: str = "pre_logits"
+    embed_dim: int = Field(128, ge=1)  # repdistiller: trainable Linear embeddings on both sides [reconstructed]
+    gamma: float = Field(0.4, gt=0.0)  # rbf_taylor
+    order: int = Field(2, ge=0)  # rbf_taylor
+
+    @model_validator(mode="after")
+    def _form_weight(self) -> CCConfig:
+        if self.weight is None:
+            self.weight = 0.02 if self.form == "repdistiller" else 100.0
+        return self
 
 
 class _OneTap(TeacherTerm):
@@ -27,11 +98,11 @@ class _OneTap(TeacherTerm):
         """(student, teacher) tensors of the pair at the term's taps, over the global batch if `global_batch`."""
         z_s, z_t = out.taps[p][self.tap], teach.taps[t][self.t_taps[t]]
         if self.cfg.global_batch:
-            z_s, z_t = gather_batch(z_s), gather_batch(z_t)
+            z_s, z_t = self.placement.gather_batch(z_s), self.placement.gather_batch(z_t)
         return z_s, z_t
 
 
-@register("relation")
+@register_term("relation", RelationConfig)
 class Relation(_OneTap):
     """w·ℓ(N(A(Z_S)), sg N(A(Z_T))) with A, N and ℓ chosen from the grid, Z the tap flattened to [B, D]."""
 
@@ -40,7 +111,7 @@ class Relation(_OneTap):
         return MF.relation(*self.features(p, t, out, teach), c.affinity, c.normalisation, c.loss, c.tau, c.gamma)
 
 
-@register("sp")
+@register_term("sp", SPConfig)
 class SP(_OneTap):
     """Similarity preserving: (dot, row_l2, mse) on the last-stage map flattened to [B, C·H·W] (not pooled)."""
 
@@ -48,7 +119,7 @@ class SP(_OneTap):
         return MF.sp_loss(*self.features(p, t, out, teach))
 
 
-@register("rkd")
+@register_term("rkd", RKDConfig)
 class RKD(_OneTap):
     """Relational KD: distance_weight·RKD-D + angle_weight·RKD-A on the tap (default pre_logits), optionally on
     L2-normalised embeddings (lenscloth/RKD's classification script); a component of weight 0 is not computed."""
@@ -66,7 +137,7 @@ class RKD(_OneTap):
         return loss
 
 
-@register("pkt")
+@register_term("pkt", PKTConfig)
 class PKT(_OneTap):
     """Probabilistic knowledge transfer: (cosine, row_l1, kl) on the tap (default pre_logits)."""
 
@@ -74,7 +145,7 @@ class PKT(_OneTap):
         return MF.pkt_loss(*self.features(p, t, out, teach))
 
 
-@register("cc")
+@register_term("cc", CCConfig)
 class CC(_OneTap):
     """Correlation congruence on the tap (default pre_logits). `repdistiller`: both sides pass through trainable
     Linear embeddings to `embed_dim` (one pair per (peer, teacher), in the peers' optimizer; the teacher-side

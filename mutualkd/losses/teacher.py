@@ -1,6 +1,6 @@
-"""Shared plumbing of teacher -> peer terms (METHODS.md §2): which teacher teaches which peer, taps chosen by
-name and checked against the dry-run shapes at build time, per-(peer, teacher) adapters, shape errors that
-name both shapes and the METHODS.md §2.11 rule.
+"""Shared plumbing of teacher -> peer terms (METHODS.md §2): their config base, which teacher teaches which
+peer, taps chosen by name and checked against the dry-run shapes at build time, per-(peer, teacher) adapters,
+shape errors that name both shapes and the METHODS.md §2.11 rule.
 
 A subclass sets `student_taps` / `teacher_taps`, builds its adapters from `pairs` in `__init__`, and
 implements `pair_loss(p, t, out, teach, batch)`: the loss of peer p toward teacher t (a scalar, before the
@@ -11,14 +11,28 @@ or the one `teacher:` of the term) and sums over peers.
 from __future__ import annotations
 
 import re
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from mutualkd.config import TermConfig
 from mutualkd.errors import UserError
-from mutualkd.losses.objective import BuildContext, Term
+from mutualkd.losses.base import BuildContext, Term
 
 _STAGE = re.compile(r"^stage(\d+)$")
+
+
+class TeacherTermConfig(TermConfig):
+    """A loss from frozen offline teachers to every peer (summed over peers).
+
+    `teacher`: the one teacher this term uses; None: the teachers `teacher_policy` picks for each peer and step.
+    Taps are named as in the peer group (`stem`, `stage1..S`, `pre_logits`, `logits`, or `feature{i}`);
+    `teacher_tap` None means the same name as the student's.
+    """
+
+    teacher: str | None = None
+    teacher_fields: ClassVar[tuple[str, ...]] = ("teacher",)
 
 
 def stage_taps(shapes: dict[str, tuple[int, ...]]) -> list[str]:
@@ -43,6 +57,8 @@ def conv_regressor(s_shape: tuple[int, ...], t_shape: tuple[int, ...]) -> nn.Mod
 
 class TeacherTerm(Term):
     """Base of teacher -> peer terms. `teacher_taps` empty: the teachers are not run on the batch (LW-KD)."""
+
+    needs_teacher = True
 
     def __init__(self, cfg, ctx: BuildContext, key: str):
         super().__init__(cfg, ctx, key)
@@ -146,3 +162,48 @@ def last_stage(shapes: dict[str, tuple[int, ...]]) -> str | None:
 def middle_stage(shapes: dict[str, tuple[int, ...]]) -> str | None:
     stages = stage_taps(shapes)
     return stages[(len(stages) + 1) // 2 - 1] if stages else None
+
+
+def poolable(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Both shapes are [C, H, W] maps and one is at least as large as the other in H and W, so adaptive average
+    pooling of the larger one gives both the same H×W (AT, NST, FSP; METHODS §2.11)."""
+    if len(a) != 3 or len(b) != 3:
+        return False
+    (ha, wa), (hb, wb) = a[1:], b[1:]
+    return (ha >= hb and wa >= wb) or (hb >= ha and wb >= wa)
+
+
+def resolve_tap_list(term: TeacherTerm, taps: list[str] | None, teacher_taps: list[str] | None,
+                     default) -> tuple[list[str], dict[int, list[str]]]:
+    """(student taps, teacher index -> teacher taps) of a term over several taps, paired by position: `taps` /
+    `teacher_taps` as configured (a teacher's list defaults to `taps`), else `default(shapes)` (a list) of each
+    network, which must then have as many default taps as the peers."""
+    if taps == []:
+        raise UserError(f"{term.key}.taps: empty; name the taps, or leave taps unset for the default")
+    n = len(taps) if taps is not None else len(default(term.peer_shapes[0]))
+    teachers = sorted({t for _, t in term.pairs})
+    if taps is None:
+        for p, shapes in enumerate(term.peer_shapes):
+            if default(shapes) != default(term.peer_shapes[0]):
+                raise UserError(f"{term.key}.taps: the default taps differ between peers ({default(term.peer_shapes[0])} "
+                                f"vs {default(shapes)} for {term.peer_names[p]}); set taps explicitly")
+        if teacher_taps is None:
+            for t in teachers:
+                own = default(term.teacher(t).tap_shapes)
+                if len(own) != n:
+                    raise UserError(f"{term.key}.taps: the peers have {n} default taps {default(term.peer_shapes[0])}, "
+                                    f"{term.teacher(t).name} has {len(own)} {own}; set taps and teacher_taps")
+    if teacher_taps is not None and len(teacher_taps) != n:
+        raise UserError(f"{term.key}.teacher_taps: {len(teacher_taps)} taps for {n} student taps (paired by position)")
+    s_taps, t_taps = [], {t: [] for t in teachers}
+    for i in range(max(n, 1)):  # n = 0: resolve_taps reports the missing default with the available taps
+        s, ts = term.resolve_taps(f"taps.{i}", taps[i] if taps else None, teacher_taps[i] if teacher_taps else None,
+                                  lambda shapes, i=i: (default(shapes)[i:i + 1] or [None])[0])
+        s_taps.append(s)
+        for t, name in ts.items():
+            t_taps[t].append(name)
+    return s_taps, t_taps
+
+
+POOL_RULE = ("H×W must match after adaptive-average-pooling the larger map, so both taps must be [C, H, W] maps, "
+             "one at least as large as the other in both H and W")

@@ -14,9 +14,7 @@ from timm.layers import create_classifier
 from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 
-# RepDistiller's CIFAR-100 normalisation.
-CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
-CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+from .stats import CIFAR100_MEAN, CIFAR100_STD
 
 
 def cifar_cfg(first_conv: str = 'stem.conv', **kwargs) -> dict:
