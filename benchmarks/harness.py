@@ -277,7 +277,7 @@ class Runner:
 
     label: str
     cfg: object
-    share_data_with: "Runner | None" = None  # reuse that runner's datasets when the data config is the same
+    share_data_with: Runner | None = None  # reuse that runner's datasets when the data config is the same
     trainer: object = None
     steps_done: int = 0
     records: list[dict] = field(default_factory=list)

@@ -46,6 +46,16 @@ class Scenario:
         return str(CONFIGS / self.config) if self.config else None
 
 
+# Fashion-MNIST-shaped synthetic data (1x28x28, 10 classes, 60,000 training images), for the shipped FM recipes.
+FASHION_LIKE = [o for o in CIFAR100_LIKE if not o.startswith("data.synthetic.")] + [
+    "data.synthetic.num_classes=10",
+    "data.synthetic.train_size=60000",
+    "data.synthetic.test_size=100",
+    "data.synthetic.image_size=28",
+    "data.synthetic.channels=1",
+]
+
+
 def _peers(arch: str, n: int) -> str:
     return "peers=[" + ", ".join(f"{{arch: {arch}}}" for _ in range(n)) + "]"
 
@@ -96,6 +106,39 @@ SCENARIOS: dict[str, Scenario] = {
         _dml_p(2),
         _dml_p(4),
         _dml_p(8),
+        Scenario(
+            name="dml_alternating_x2",
+            description="2 independent cifar_resnet32, CE + DML with alternating updates (Algorithm 1)",
+            overrides=CIFAR100_LIKE + [_peers("cifar_resnet32", 2),
+                                       "objective.terms=[{name: ce}, {name: dml, update_mode: alternating}]"],
+            groups=("dml_alternating",),
+        ),
+        Scenario(
+            name="fm_dml_sync",
+            description="Fashion-MNIST DML recipe (2 cifar_resnet8, batch 128), synchronous updates",
+            config="fashion_mnist_dml.yaml",
+            overrides=FASHION_LIKE,
+            batch_size=128,
+            groups=("dml_alternating",),
+        ),
+        Scenario(
+            name="fm_dml_alternating",
+            description="Fashion-MNIST DML recipe (2 cifar_resnet8, batch 128), alternating updates",
+            config="fashion_mnist_dml.yaml",
+            overrides=FASHION_LIKE + ["objective.terms.1.update_mode=alternating"],
+            batch_size=128,
+            groups=("dml_alternating",),
+        ),
+        Scenario(
+            name="teacher_kd_fitnet",
+            description="cifar_resnet8x4 student of a cifar_resnet32x4 teacher (random weights): 0.1 CE + 0.9 KD + "
+                        "100 FitNet hint (RepDistiller recipe)",
+            config="cifar100_r32x4_r8x4_kd.yaml",
+            overrides=CIFAR100_LIKE + ["teachers=[{arch: cifar_resnet32x4}]",
+                                       "objective.terms=[{name: ce, weight: 0.1}, {name: kd, weight: 0.9}, "
+                                       "{name: fitnet, tap: stage2}]"],
+            groups=("teacher",),
+        ),
         # a seconds-long scenario for tests and smoke runs
         Scenario(
             name="smoke",

@@ -72,7 +72,8 @@ def _eval(args) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        print(f"{args.run_dir}: checkpoint {args.checkpoint or 'default'} (epoch {state['epoch']}, step {state['step']})")
+        which = args.checkpoint or "default"
+        print(f"{args.run_dir}: checkpoint {which} (epoch {state['epoch']}, step {state['step']})")
         print(f"{'split':<6}" + "".join(f"{n:>12}" for n in cfg.peer_names) + f"{'ensemble':>12}")
         for split in ("test", "val"):
             if split in results:
@@ -110,7 +111,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", help="where the run is written (default: runs/<time>-<dataset>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     t.set_defaults(func=_train)
-    e = sub.add_parser("eval", parents=[common], help="re-evaluate a run's checkpoint on its test and validation splits")
+    e = sub.add_parser("eval", parents=[common],
+                       help="re-evaluate a run's checkpoint on its test and validation splits")
     e.add_argument("run_dir")
     e.add_argument("--checkpoint", choices=("best", "last"), default=None,
                    help="default: best when the run has a validation split, else last")
@@ -126,7 +128,8 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="configs: `config show [CONFIG.yaml] [key=value ...]` prints the resolved "
                                       "config with every default")
     c_sub = c.add_subparsers(dest="action", required=True)
-    show = c_sub.add_parser("show", parents=[common], help="print the resolved config (base chain, overrides, defaults)")
+    show = c_sub.add_parser("show", parents=[common],
+                            help="print the resolved config (base chain, overrides, defaults)")
     show.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     show.set_defaults(func=_config)
     return ap

@@ -27,6 +27,7 @@ from pydantic_core import PydanticCustomError
 
 from mutualkd.errors import UserError
 
+
 class Strict(BaseModel):
     """No unknown keys, no silent type coercion (ints are accepted where floats are expected)."""
 
@@ -112,7 +113,8 @@ class TeacherConfig(Strict):
         given = [k for k in ("run", "file", "arch") if getattr(self, k) is not None]
         if given not in (["run"], ["file"], ["arch"], ["file", "arch"]):
             raise ValueError("name the teacher's source with exactly one of run (a run directory), file (a "
-                             f"safetensors file, optionally with arch) or arch (a timm model name); got {given or 'none'}")
+                             "safetensors file, optionally with arch) or arch (a timm model name); "
+                             f"got {given or 'none'}")
         return self
 
 
@@ -274,7 +276,7 @@ class Config(Strict):
     embedding: EmbeddingConfig = EmbeddingConfig()
     teachers: list[TeacherConfig] = []
     teacher_policy: TeacherPolicy = TeacherPolicy()
-    objective: ObjectiveConfig = ObjectiveConfig()
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)  # lazily: its terms come from the registry
     train: TrainConfig = TrainConfig()
     placement: Literal["data_parallel", "peer_parallel"] = "data_parallel"
     tracking: TrackingConfig = TrackingConfig()
@@ -347,7 +349,8 @@ class Config(Strict):
             for i, stage in enumerate(stages):
                 for label in stage.terms:
                     if label not in labels:
-                        raise ValueError(f"objective.stages.{i}.terms: unknown term {label!r}; terms: {', '.join(labels)}")
+                        raise ValueError(f"objective.stages.{i}.terms: unknown term {label!r}; "
+                                         f"terms: {', '.join(labels)}")
         if self.placement == "peer_parallel" and self.train.mixed_precision == "fp16":
             raise ValueError("train.mixed_precision: fp16 is not supported with placement=peer_parallel "
                              "(each rank would skip overflowing steps on its own); use bf16")
@@ -414,7 +417,8 @@ def apply_override(tree: dict, item: str) -> None:
                 raise UserError(f"override {key}: {'.'.join(parts[:depth])} is a list; expected an index, got {part!r}")
             idx = int(part)
             if idx > len(node):
-                raise UserError(f"override {key}: index {idx} out of range ({'.'.join(parts[:depth])} has {len(node)} entries)")
+                raise UserError(f"override {key}: index {idx} out of range ({'.'.join(parts[:depth])} has "
+                                f"{len(node)} entries)")
             if idx == len(node):  # `peers.2.arch=x` on a two-peer config appends a peer
                 node.append({})
             if last:

@@ -45,5 +45,6 @@ def export_peer(run_dir: Path, peer: str, which: str | None = None, out_dir: Pat
              + ("  # after `import mutualkd.models`" if type(model).__module__.startswith("mutualkd.") else ""))
     info = {"arch": arch, "peer": names[k], "source": str(checkpoint_path(run_dir, which)),
             "pretrained_cfg": pretrained_cfg, "model_kwargs": kwargs, "usage": usage}
-    checkpoint.atomic_write(weights.with_suffix(".json"), lambda f: f.write(json.dumps(info, indent=2).encode() + b"\n"))
+    text = json.dumps(info, indent=2).encode() + b"\n"
+    checkpoint.atomic_write(weights.with_suffix(".json"), lambda f: f.write(text))
     return weights

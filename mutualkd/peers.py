@@ -295,7 +295,8 @@ class PeerGroup(nn.Module):
                 return _run(model, plan[self.n_shared :], h, want, t), t
             if plan:
                 return _run(model, plan, x, want, t), t
-            if idx := sorted(int(w[7:]) for w in want if w.startswith("feature") and int(w[7:]) < len(model.feature_info)):
+            idx = sorted(int(w[7:]) for w in want if w.startswith("feature") and int(w[7:]) < len(model.feature_info))
+            if idx:
                 f, inter = model.forward_intermediates(x, indices=idx)
                 return f, {f"feature{i}": v for i, v in zip(idx, inter)}
             return model.forward_features(x), t

@@ -113,7 +113,8 @@ class Teacher(nn.Module):
         plan = self.plan()
         labels = [label for _, label in plan]
         if tap not in labels:
-            raise UserError(f"teachers ({self.name}): no tap {tap!r} to run from; taps: {', '.join(filter(None, labels))}")
+            raise UserError(f"teachers ({self.name}): no tap {tap!r} to run from; "
+                            f"taps: {', '.join(filter(None, labels))}")
         model = self.net.peers[0]
         for name, label in plan[labels.index(tap) + 1:]:
             x = model.get_submodule(name)(x)

@@ -6,7 +6,9 @@ import os
 import numpy as np
 import pytest
 import torch
+from fakes import write_cifar
 
+from mutualkd.config import validate
 from mutualkd.data import (
     FASHION_MNIST_ROOT,
     BatchAugment,
@@ -22,10 +24,7 @@ from mutualkd.data import (
     read_idx,
     stratified_split,
 )
-from mutualkd.config import validate
 from mutualkd.errors import UserError
-
-from fakes import write_cifar
 
 
 def load(name, **data):

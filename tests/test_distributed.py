@@ -117,6 +117,24 @@ def test_loss_adapters_stay_identical_across_data_parallel_ranks(tmp_path):
     assert summary["world_size"] == 2 and summary["peers"][0]["final_test_top1"] > 50
 
 
+def test_alternating_dml_under_data_parallel_keeps_the_replicas_identical(tmp_path):
+    """DML's alternating updates through DDP: each peer's phase runs the others off autograd, so only the stepped
+    peer's gradients are all-reduced and the others stay untouched (find_unused_parameters). Every checkpoint
+    compares every replicated tensor across ranks, the peers included, and the run follows one process with the
+    same global batch as closely as synchronous data-parallel training does (per-rank BatchNorm)."""
+    args = ["train.epochs=2", *QUIET, "objective.terms=[{name: ce}, {name: dml, update_mode: alternating}]"]
+    run([*args, "--run-dir", str(tmp_path / "one")])
+    run([*args, "data.batch_size=32", "--run-dir", str(tmp_path / "dp")], procs=2)
+    sums = [r["state_sums"] for r in checkpoint.load(tmp_path / "dp" / "checkpoints" / "last.pt")["ranks"]]
+    assert sums[0] == sums[1] and "group.peers.1.fc.weight" in sums[0], sorted(sums[0])[:5]
+    loss_one, eval_one = records(tmp_path / "one")
+    loss_dp, eval_dp = records(tmp_path / "dp")
+    rel = [abs(a - b) / a for a, b in zip(loss_one, loss_dp)]
+    assert len(rel) == 8 and rel[0] < 0.05 and sum(rel) / len(rel) < 0.15, rel
+    for a, b in zip(eval_one[-1]["test"]["top1"], eval_dp[-1]["test"]["top1"]):
+        assert abs(a - b) <= 5.0, (eval_one[-1], eval_dp[-1])
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

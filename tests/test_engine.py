@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fakes import write_cifar
+
 from mutualkd.cli import main
 from mutualkd.engine import checkpoint
 from mutualkd.errors import UserError

@@ -504,12 +504,12 @@ def test_nst_options():
 # --------------------------------------------------------------------------------------- relation losses
 
 RELATION_GRID = [
-    (a, n, l)
+    (a, n, loss)
     for a in LF.AFFINITIES
     for n in LF.NORMALISATIONS
-    for l in LF.RELATION_LOSSES
+    for loss in LF.RELATION_LOSSES
     if not (n == "row_l1" and a == "dot")  # (A+1)/2 of raw dot products can sum to ~0 per row
-    and (l != "kl" or n in ("row_l1", "row_softmax"))  # the KL loss is for row-stochastic matrices
+    and (loss != "kl" or n in ("row_l1", "row_softmax"))  # the KL loss is for row-stochastic matrices
 ]
 
 

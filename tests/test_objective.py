@@ -24,8 +24,8 @@ from mutualkd.losses.dot import DOTConfig as DOTTerm
 from mutualkd.losses.mcl import MCLConfig as MCLTerm
 from mutualkd.losses.mcl_okd import MCLOKDConfig as MCLOKDTerm
 from mutualkd.losses.objective import Objective, ramp_factor
-from mutualkd.registry import TERMS
 from mutualkd.peers import GroupOutput
+from mutualkd.registry import TERMS
 
 KEY = "objective.terms.0"
 

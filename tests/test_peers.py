@@ -238,8 +238,8 @@ def test_shared_stem_timm_resnet18():
     assert out.taps[0]["stage2"] is not out.taps[1]["stage2"]
     assert out.taps[0]["stem"].shape == (B, 64, 8, 8)  # after the max-pool
     info = group.peers[0].feature_info
-    for l in range(1, 5):
-        assert out.taps[0][f"stage{l}"].shape == (B, info[l]["num_chs"], 32 // info[l]["reduction"], 32 // info[l]["reduction"])
+    for s in range(1, 5):
+        assert out.taps[0][f"stage{s}"].shape == (B, info[s]["num_chs"], 32 // info[s]["reduction"], 32 // info[s]["reduction"])
     check_stem_gradient_is_sum_of_branches(group, 1, x, y)
 
 
@@ -281,8 +281,8 @@ def test_zoo_taps_match_recorded_shapes_and_feature_info():
         assert sorted(taps) == every and sorted(group.tap_shapes[p]) == every
         for name, t in taps.items():
             assert t.shape == (B, *group.tap_shapes[p][name])
-        for l, name in enumerate(["stem", "stage1", "stage2", "stage3"]):
-            chs, red = model.feature_info[l]["num_chs"], model.feature_info[l]["reduction"]
+        for i, name in enumerate(["stem", "stage1", "stage2", "stage3"]):
+            chs, red = model.feature_info[i]["num_chs"], model.feature_info[i]["reduction"]
             assert taps[name].shape == (B, chs, 8 // red, 8 // red)
         assert_close(taps["stem"], model.stem(x))
         assert taps["logits"] is not None and torch.equal(taps["logits"], out.logits[p])

@@ -1,7 +1,8 @@
 """The run's results: final-epoch and validation-selected test accuracy, per peer and for the ensemble.
 
 Validation selection picks, for each peer (and the ensemble) separately, the epoch with its best
-validation top-1 (the latest among ties: the most-trained of equals) and reports that epoch's test top-1. Test never selects anything.
+validation top-1 (the latest among ties: the most-trained of equals) and reports that epoch's test top-1.
+Test never selects anything.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ def select(history: list[dict], names: list[str]) -> dict:
     last = history[-1]
     rows = {}
     for p, name in enumerate(names + ["ensemble"]):
-        def acc(h, split):
+        def acc(h, split, p=p, name=name):
             m = h[split]
             return m["ensemble_top1"] if name == "ensemble" else m["top1"][p]
 

@@ -42,7 +42,8 @@ class MetricsLog:
                 accelerator.init_trackers(cfg.tracking.project, config=cfg.model_dump(mode="json"), init_kwargs=init)
                 self.trackers_on = True
             except Exception as err:  # a tracker must never stop training
-                warnings.warn(f"tracking: {cfg.tracking.backend} failed to start, continuing without it: {err}")
+                warnings.warn(f"tracking: {cfg.tracking.backend} failed to start, continuing without it: {err}",
+                              stacklevel=2)
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records the interrupted run wrote after its last checkpoint."""
@@ -63,7 +64,7 @@ class MetricsLog:
                 self.accelerator.log(flat, step=step)
             except Exception as err:
                 self.trackers_on = False
-                warnings.warn(f"tracking: logging failed, continuing without the tracker: {err}")
+                warnings.warn(f"tracking: logging failed, continuing without the tracker: {err}", stacklevel=2)
 
     def close(self) -> None:
         """Finish the trackers (not `accelerator.end_training()`, which also tears down the process group)."""
@@ -72,7 +73,7 @@ class MetricsLog:
                 try:
                     tracker.finish()
                 except Exception as err:
-                    warnings.warn(f"tracking: closing {tracker.name} failed: {err}")
+                    warnings.warn(f"tracking: closing {tracker.name} failed: {err}", stacklevel=2)
 
 
 def _flatten(record: dict, prefix: str = "") -> dict:

@@ -391,7 +391,8 @@ def train(cfg: C.Config, run_dir: Path, resume: bool = False) -> dict | None:
                 bar.close()
                 log.close()
                 if main:
-                    print(f"stopped at step {s.step} (train.max_steps); continue with: mutualkd train --resume {run_dir}")
+                    print(f"stopped at step {s.step} (train.max_steps); continue with: "
+                          f"mutualkd train --resume {run_dir}")
                 return None
         s.epoch, s.batch = s.epoch + 1, 0
         # ---- evaluate (validation selects, test never does), checkpoint, keep the best

@@ -74,7 +74,8 @@ class AdaIN(TeacherTerm):
         for field in ("taps", "teacher_taps"):
             value = getattr(cfg, field)
             if value is not None and (not value or len(set(value)) != len(value)):
-                raise UserError(f"{key}.{field}: {value} must name distinct taps; leave it unset for the last two stages")
+                raise UserError(f"{key}.{field}: {value} must name distinct taps; leave it unset for the last two "
+                                "stages")
         n = len(cfg.taps or cfg.teacher_taps or ()) or 2
         if cfg.taps and cfg.teacher_taps and len(cfg.teacher_taps) != n:
             raise UserError(f"{key}.teacher_taps: {len(cfg.teacher_taps)} taps for the students' {n} ({cfg.taps})")

@@ -110,7 +110,8 @@ class AMA(TeacherTerm):
         (c_in, h, w), (c_out, ho, wo) = self.teacher_shape(t, self.front), self.teacher_shape(t, self.split)
         if h % ho or w % wo or h // ho != w // wo:
             raise UserError(f"{self.key} (ama): {self.teacher(t).name} {self.front} {[c_in, h, w]} cannot be strided "
-                            f"to {self.split} {[c_out, ho, wo]} by M_φ's conv (needs an integer factor, METHODS.md §2.11)")
+                            f"to {self.split} {[c_out, ho, wo]} by M_φ's conv (needs an integer factor, "
+                            "METHODS.md §2.11)")
         ks = self.cfg.kernel_size
         return nn.Sequential(
             nn.Conv2d(c_in, hidden, ks, stride=h // ho, padding=ks // 2, bias=False), nn.BatchNorm2d(hidden),

@@ -40,7 +40,8 @@ class DMLConfig(TermConfig):
             return
         why = None
         if cfg.topology.kind != "independent":
-            why = "a shared stem belongs to every peer, so it cannot be stepped one peer at a time; use topology.kind=independent"
+            why = ("a shared stem belongs to every peer, so it cannot be stepped one peer at a time; use "
+                   "topology.kind=independent")
         elif cfg.placement == "peer_parallel":
             why = ("peers step one at a time, so peer_parallel's processes would wait on each other; use "
                    "placement=data_parallel")

@@ -28,7 +28,8 @@ from mutualkd.registry import register_term
 
 class LWKDConfig(TeacherTermConfig):
     """LW-KD (METHODS §2.10, reconstructed): targets t = softmax(T_lw(x̃_y)/τ) from a lightweight teacher trained
-    on a synthetic dataset with the same classes; weight = α on τ²·KL(t ‖ p_S) + adversarial_weight·BCE(D(p_S), real)."""
+    on a synthetic dataset with the same classes; weight = α on τ²·KL(t ‖ p_S), plus
+    adversarial_weight·BCE(D(p_S), real)."""
 
     name: Literal["lwkd"] = "lwkd"
     weight: float = Field(0.9, ge=0.0)  # α; give the ce term (1 − α) = 0.1

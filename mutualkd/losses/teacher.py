@@ -96,8 +96,9 @@ class TeacherTerm(Term):
         """Build-time check that every teacher this term may use has the peers' classes (logit-level methods)."""
         for t in sorted({t for _, t in self.pairs}):
             if self.teacher(t).num_classes != num_classes:
-                raise UserError(f"{self.key} ({self.cfg.name}): {self.teacher(t).name} has {self.teacher(t).num_classes} "
-                                f"classes, the peers {num_classes}: {rule}")
+                teacher = self.teacher(t)
+                raise UserError(f"{self.key} ({self.cfg.name}): {teacher.name} has {teacher.num_classes} classes, "
+                                f"the peers {num_classes}: {rule}")
 
     # ---------------------------------------------------------------------------------------- taps, shapes
     def student_shape(self, p: int, tap: str) -> tuple[int, ...]:
@@ -134,8 +135,9 @@ class TeacherTerm(Term):
     def shape_error(self, p: int, t: int, s_tap: str, t_tap: str, rule: str) -> UserError:
         """A build-time error naming both taps with their shapes and the METHODS.md §2.11 rule."""
         return UserError(
-            f"{self.key} ({self.cfg.name}): cannot match {self.peer_names[p]} {s_tap} {list(self.student_shape(p, s_tap))} "
-            f"with {self.teacher(t).name} {t_tap} {list(self.teacher_shape(t, t_tap))}: {rule} (METHODS.md §2.11)"
+            f"{self.key} ({self.cfg.name}): cannot match {self.peer_names[p]} {s_tap} "
+            f"{list(self.student_shape(p, s_tap))} with {self.teacher(t).name} {t_tap} "
+            f"{list(self.teacher_shape(t, t_tap))}: {rule} (METHODS.md §2.11)"
         )
 
     @staticmethod
@@ -185,8 +187,9 @@ def resolve_tap_list(term: TeacherTerm, taps: list[str] | None, teacher_taps: li
     if taps is None:
         for p, shapes in enumerate(term.peer_shapes):
             if default(shapes) != default(term.peer_shapes[0]):
-                raise UserError(f"{term.key}.taps: the default taps differ between peers ({default(term.peer_shapes[0])} "
-                                f"vs {default(shapes)} for {term.peer_names[p]}); set taps explicitly")
+                raise UserError(f"{term.key}.taps: the default taps differ between peers "
+                                f"({default(term.peer_shapes[0])} vs {default(shapes)} for {term.peer_names[p]}); "
+                                "set taps explicitly")
         if teacher_taps is None:
             for t in teachers:
                 own = default(term.teacher(t).tap_shapes)

@@ -5,7 +5,7 @@ protocol (classifier, ``forward_intermediates``, pruning) on top of that split, 
 share a stem or a prefix of stages and every model still behaves like any other timm model.
 """
 from collections import OrderedDict
-from typing import List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -45,7 +45,7 @@ def conv_bn(
     return nn.Sequential(layers)
 
 
-def init_weights(model: nn.Module, linear_std: Optional[float] = None) -> None:
+def init_weights(model: nn.Module, linear_std: float | None = None) -> None:
     """The reference codes' init: Kaiming-normal (fan_out, ReLU) convs with zero bias, BN to identity.
 
     With ``linear_std``, Linear layers get N(0, linear_std) weights and zero bias (RepDistiller's VGG and
@@ -82,7 +82,7 @@ class StagedNet(nn.Module):
             num_classes: int,
             widths: Sequence[int],
             reductions: Sequence[int],
-            num_features: Optional[int] = None,
+            num_features: int | None = None,
             global_pool: str = 'avg',
             drop_rate: float = 0.,
     ) -> None:
@@ -107,7 +107,7 @@ class StagedNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the classifier (``num_classes=0``: none); ``global_pool=None`` keeps the pooling type."""
         self.num_classes = num_classes
         pool_type = self.global_pool.pool_type if global_pool is None else global_pool
@@ -116,12 +116,12 @@ class StagedNet(nn.Module):
     def forward_intermediates(
             self,
             x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
+            indices: int | list[int] | None = None,
             norm: bool = False,
             stop_early: bool = False,
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Forward that also returns the feature points selected by ``indices`` (timm semantics).
 
         Args:
@@ -155,10 +155,10 @@ class StagedNet(nn.Module):
 
     def prune_intermediate_layers(
             self,
-            indices: Union[int, List[int]] = 1,
+            indices: int | list[int] = 1,
             prune_norm: bool = False,
             prune_head: bool = True,
-    ) -> List[int]:
+    ) -> list[int]:
         """Drop the stages (and norm/head) not needed to compute the feature points in ``indices``.
 
         The head is sized and trained for ``norm_pre``'s output, so it goes whenever ``norm_pre`` does.

@@ -3,7 +3,7 @@
 Basic blocks, 3x3 stem without max-pool, three stages (strides 1, 2, 2) of (depth - 2) / 6 blocks each and
 1x1 conv + BN projection shortcuts. The ``x4`` variants widen stem/stages to 32/64/128/256.
 """
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

@@ -4,7 +4,7 @@ Both use a 1x1 conv-bn-relu stem of width 24 (no stride, no max-pool) and three 
 with a stride-2 block, so a 32x32 input ends at 4x4. As in the reference code, weights keep PyTorch's
 default (Kaiming-uniform) initialisation.
 """
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

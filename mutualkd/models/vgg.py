@@ -7,7 +7,7 @@ Five conv groups (3x3 conv with bias -> BN -> ReLU); 2x2 max-pools between the f
 The stem is group 0; each stage starts with its max-pool (the last stage has none) and ends where
 RepDistiller's feature blocks end.
 """
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
